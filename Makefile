@@ -1,0 +1,45 @@
+# Every command of the README is a target here. `make test` and `make demo` set everything up.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+MSSAR   := $(VENV)/bin/mssar
+# The torch build tested with mssar; override e.g. `make setup TORCH="torch torchvision"`.
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
+FMNIST  := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test test-slow bench count clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST, the real data that is here: Debian's dataset-fashion-mnist package.
+data:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST found in $(FMNIST)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	  echo "installed Fashion-MNIST into $(FMNIST)"; \
+	else echo "Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist' or put the four .gz files in data/fashion-mnist/"; fi
+
+demo: setup data
+	$(MSSAR) count --paper
+	$(MSSAR) train recipes/quickstart.yaml
+
+count: setup
+	$(MSSAR) count --paper
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) benchmarks/module_step.py
+	$(PY) benchmarks/pipeline.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
