@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from mssar_cli.errors import MssarError
-from mssar_cli.tables import FORMATS, emit
+from mssar_cli.tables import FORMATS, emit, output_console
 
 app = typer.Typer(
     name="mssar",
@@ -24,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = output_console()
 STATE = {"debug": False}
 
 
@@ -138,18 +138,126 @@ def _progress(fmt: str):
     )
 
 
-def _not_implemented(name: str) -> Callable:
-    def command() -> None:
-        raise fail(f"'mssar {name}' is not implemented yet (see README: what works)")
-
-    command.__doc__ = f"(not implemented yet) {name}"
-    return command
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a recipe field: --set optim.lr=0.05 (repeatable)."),
+]
 
 
-for _name in ("train", "eval", "ablate", "report"):
-    app.command(name=_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        _not_implemented(_name)
+@app.command()
+@user_errors
+def train(
+    recipe: Annotated[str, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml")],
+    set_: SetOption = None,
+    seed: Annotated[Optional[int], typer.Option(help="Override run.seed.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="One plain line per epoch, no progress bar.")] = False,
+) -> None:
+    """Train a network from a recipe into results/<dataset>/<experiment>/seed<k>/."""
+    from mssar_cli import recipe as recipes
+    from mssar_cli.progress import PlainReporter, RichReporter
+    from mssar_cli.training import train as run_training, with_seed
+
+    loaded = with_seed(recipes.load(recipe, set_ or []), seed)
+    plain = quiet or not console.is_terminal
+    reporter = PlainReporter(console) if plain else RichReporter(console)
+    try:
+        run_training(loaded, resume=resume, reporter=reporter)
+    finally:
+        if isinstance(reporter, RichReporter):
+            reporter.close()
+
+
+@app.command(name="eval")
+@user_errors
+def eval_(
+    path: Annotated[str, typer.Argument(help="A run directory or a checkpoint.pt.")],
+    set_: SetOption = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (default: the recipe's).")] = None,
+) -> None:
+    """Re-evaluate a finished (or interrupted) run on its test split; compare with its CSV."""
+    from pathlib import Path
+
+    from mssar_cli.training import evaluate_saved
+
+    result = evaluate_saved(Path(path), set_ or [], device)
+    top5 = f", top-5 error {result['test_top5_err']:.2f}%" if "test_top5_err" in result else ""
+    console.print(
+        f"{result['experiment']} (epoch {result['epoch']}) on {result['dataset']} "
+        f"({result['test_images']} test images): top-1 error {result['test_err']:.2f}%{top5}, "
+        f"loss {result['test_loss']:.4f}",
+        markup=False,
+        highlight=False,
     )
+    logged = result["logged"]
+    if logged:
+        diff = abs(logged["test_err"] - result["test_err"])
+        verdict = "agrees with" if diff < 1e-6 else f"differs by {diff:.4f} points from"
+        console.print(f"{verdict} the final row of epochs.csv (top-1 error {logged['test_err']:.2f}%)", markup=False, highlight=False)
+
+
+@app.command()
+@user_errors
+def ablate(
+    kind: Annotated[str, typer.Argument(help="scales | strategy | stage | recalibration | grid")],
+    recipe: Annotated[str, typer.Argument(help="The base recipe.")],
+    grid: Annotated[Optional[list[str]], typer.Option("--grid", help="Another axis: KEY=V1,V2 (repeatable).")] = None,
+    seeds: Annotated[int, typer.Option(help="Runs per cell (seeds run.seed, run.seed+1, ...).")] = 1,
+    jobs: Annotated[int, typer.Option(help="Runs at once (CPU threads are split between them).")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their state; run nothing.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Expand a recipe into one of the paper's ablation grids and run what is not finished."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mssar_cli import ablation
+
+    planned = ablation.plan(kind, recipe, set_ or [], grid or [], seeds)
+    states = [run.status for run in planned]
+    counts = {state: states.count(state) for state in ("finished", "interrupted", "missing")}
+    console.print(
+        f"{len(planned)} runs: {counts['finished']} finished (skipped), "
+        f"{counts['interrupted']} interrupted (resumed), {counts['missing']} to start",
+        markup=False,
+        highlight=False,
+    )
+    if dry_run:
+        for run, state in zip(planned, states):
+            console.print(f"  {state:11s} {run.run_dir}", markup=False, highlight=False)
+        return
+    failures = []
+    progress = Progress(
+        TextColumn("ablation {task.fields[kind]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+
+    def done(outcome) -> None:
+        mark = "done" if outcome.returncode == 0 else f"FAILED (exit {outcome.returncode})"
+        progress.console.print(
+            f"{mark:>6} {outcome.run.recipe.experiment} seed {outcome.run.seed} in {outcome.seconds:.0f} s",
+            markup=False,
+            highlight=False,
+        )
+        if outcome.returncode != 0:
+            failures.append(outcome)
+            progress.console.print(outcome.log_tail, markup=False, highlight=False)
+        progress.advance(task)
+
+    with progress:
+        task = progress.add_task("runs", total=len(planned) - counts["finished"], kind=kind)
+        ablation.execute(planned, recipe, jobs, done)
+    emit(ablation.summary_frame(planned), "rich", console, f"ablation {kind}: final-epoch test error")
+    if failures:
+        raise fail(f"{len(failures)} run(s) failed; their logs are under {planned[0].run_dir.parent.parent / 'logs'}", 1)
+
+
+from mssar_cli.report_cli import report  # noqa: E402  (its own module: it is a big command)
+
+app.command(name="report")(user_errors(report))
 
 
 def main() -> None:

@@ -83,6 +83,29 @@ def _unrows(z: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     return z.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
+def _global_branch(branch: ScaleBranch, pooled: torch.Tensor, positions: int) -> torch.Tensor:
+    """``branch(pooled)`` for a sliding scale whose window covers the whole map.
+
+    Every position then has the same pooled vector, so the per-position BN of the direct form
+    sees ``positions`` identical copies of each of the N rows. Its batch statistics equal those
+    of the N rows (so are the output and the gradients), but its running variance is updated with
+    Bessel's factor for N * positions values, not N: that update is reproduced here exactly.
+    """
+    bn = branch.bn
+    hidden = branch.reduce(pooled)
+    if not (bn.training and bn.track_running_stats and bn.running_var is not None):
+        return branch(pooled)
+    normalised = F.batch_norm(hidden, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        count = hidden.shape[0] * positions
+        var = hidden.var(0, unbiased=False) * (count / max(count - 1, 1))
+        bn.running_mean.lerp_(hidden.mean(0).to(bn.running_mean.dtype), factor)
+        bn.running_var.lerp_(var.to(bn.running_var.dtype), factor)
+    return torch.sigmoid(branch.expand(F.relu(normalised)))
+
+
 def sliding_radius(height: int, width: int, k: int) -> int:
     """Chebyshev radius T = floor(sqrt(H*W) / K) of the sliding window (§3.2, footnote 3)."""
     return math.isqrt(height * width) // k
@@ -210,12 +233,14 @@ class MSSAR(nn.Module):
             weights = z if weights is None else weights + z
         weights = weights / len(self.scales)
 
-        if plan.uniform:
-            # One broadcast multiply over the full map; no full-size weight map is materialised.
+        if plan.uniform and x.is_contiguous():
+            # No full-size weight map: the weights are widened along W only (1/sh of the map) and
+            # broadcast over the sh rows of each region band. Keeping W as the innermost, contiguous
+            # dimension of both operands is what makes this multiply (and its backward) as fast as
+            # SE's; a 6-D broadcast over (sh, sw) blocks is 2-3x slower on CPU.
             sh, sw = plan.rows.sizes[0], plan.cols.sizes[0]
-            out = x.reshape(n, d, rh, sh, rw, sw) * weights.expand(n, d, rh, rw).reshape(
-                n, d, rh, 1, rw, 1
-            )
+            banded = weights.expand(n, d, rh, rw).repeat_interleave(sw, dim=3)  # (n, d, rh, W)
+            out = x.reshape(n, d, rh, sh, width) * banded.unsqueeze(3)
             return out.reshape(n, d, height, width)
         full = weights.expand(n, d, rh, rw).index_select(2, plan.row_segment)
         return x * full.index_select(3, plan.col_segment)
@@ -229,7 +254,7 @@ class MSSAR(nn.Module):
         for k, branch in zip(self.scales, self.branches):
             radius = sliding_radius(height, width, k)
             if radius >= max(height, width) - 1:  # the window covers the whole map: SE-like
-                z = branch(source.mean((2, 3))).view(n, -1, 1, 1)
+                z = _global_branch(branch, source.mean((2, 3)), height * width).view(n, -1, 1, 1)
             else:
                 pooled = F.avg_pool2d(
                     source, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False

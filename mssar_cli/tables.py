@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
@@ -16,6 +19,16 @@ def human_count(value: float, unit: str = "") -> str:
     if abs(value) >= 1e9:
         return f"{value / 1e9:.3f}G{unit}"
     return f"{value / 1e6:.3f}M{unit}" if abs(value) < 1e7 else f"{value / 1e6:.2f}M{unit}"
+
+
+PIPE_WIDTH = 200  # columns of Rich output written to a file or a pipe (a terminal uses its own)
+
+
+def output_console(stderr: bool = False) -> Console:
+    """A Rich console; when it writes to a file or pipe, wide enough that tables are not squeezed."""
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=PIPE_WIDTH if piped else None)
 
 
 def rich_table(frame: pd.DataFrame, title: str | None = None, caption: str | None = None) -> Table:

@@ -1,0 +1,227 @@
+"""Training and evaluation loops (paper §4.1, §4.3): they return numbers and print nothing.
+
+SGD with Nesterov momentum, step learning-rate schedule per epoch, cross-entropy; bf16 autocast
+on GPU, optional channels-last and ``torch.compile``. Progress reaches the caller through
+``on_batch`` once every few batches (a device sync), so the GPU is not stalled every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mssar_cli.data import DataSpec, DatasetInfo, build_loaders
+from mssar_cli.distributed import World, all_reduce_sum
+from mssar_cli.errors import MssarError
+from mssar_cli.models import create_model
+from mssar_cli.recipe import Recipe
+
+SYNC_EVERY = 10  # batches between progress updates (each one syncs the device)
+
+
+class TrainingDiverged(MssarError):
+    exit_code = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MssarError(f"run.device: {name!r} asked for, but no CUDA GPU is available (use auto or cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MssarError(f"run.device: {name!r} asked for, but MPS is not available (use auto or cpu)")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Session:
+    """Everything one training run needs, built from a recipe."""
+
+    recipe: Recipe
+    device: torch.device
+    world: World
+    model: nn.Module  # what runs forward (maybe DDP-wrapped and compiled)
+    module: nn.Module  # the plain model, for state_dicts
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: object
+    test_loader: object
+    info: DatasetInfo
+    amp_dtype: torch.dtype | None
+    seed: int
+
+
+def data_spec(recipe: Recipe, world_size: int = 1) -> DataSpec:
+    d = recipe.data
+    if d.batch_size % world_size:
+        raise MssarError(
+            f"{recipe.source}: data.batch_size: {d.batch_size} is not divisible by the {world_size} processes"
+        )
+    fields = {f: getattr(d, f) for f in DataSpec.__dataclass_fields__}
+    return replace(DataSpec(**fields), batch_size=d.batch_size // world_size)
+
+
+def build_model(recipe: Recipe, info: DatasetInfo) -> nn.Module:
+    return create_model(
+        recipe.model.name,
+        num_classes=info.num_classes,
+        recalibration=recipe.model.recalibration,
+        in_channels=info.in_channels,
+        **recipe.module_options(),
+    )
+
+
+def build_session(recipe: Recipe, seed: int, device: torch.device, world: World) -> Session:
+    """Data first (a missing dataset fails before anything else happens), then model and optimizer."""
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+    train_loader, test_loader, info = build_loaders(
+        data_spec(recipe, world.world_size),
+        device=device,
+        seed=seed,
+        rank=world.rank,
+        world_size=world.world_size,
+    )
+    torch.manual_seed(seed)
+    module = build_model(recipe, info).to(device)
+    if recipe.run.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    o = recipe.optim
+    optimizer = torch.optim.SGD(
+        module.parameters(),
+        lr=o.lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov and o.momentum > 0,
+        weight_decay=o.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(o.milestones), gamma=o.gamma)
+    model = module
+    if world.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    if recipe.run.compile:
+        model = torch.compile(model)
+    return Session(
+        recipe,
+        device,
+        world,
+        model,
+        module,
+        optimizer,
+        scheduler,
+        train_loader,
+        test_loader,
+        info,
+        resolve_precision(recipe.run.precision, device),
+        seed,
+    )
+
+
+BatchCallback = Callable[[int, int, float, float, float], None]  # done, total, loss, err%, img/s
+
+
+def train_one_epoch(s: Session, epoch: int, on_batch: BatchCallback | None = None) -> dict[str, float]:
+    """One pass over the training split; returns loss and top-1 error (%) summed over ranks."""
+    s.model.train()
+    s.train_loader.set_epoch(epoch)
+    totals = torch.zeros(3, dtype=torch.float64, device=s.device)  # loss sum, errors, images
+    start = time.perf_counter()
+    num_batches = len(s.train_loader)
+    for index, (images, labels) in enumerate(s.train_loader):
+        if s.recipe.run.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(s.device, s.amp_dtype):
+            logits = s.model(images)
+            loss = F.cross_entropy(logits, labels)
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        s.optimizer.step()
+        with torch.no_grad():
+            batch = torch.stack(
+                [
+                    loss.detach().double() * labels.numel(),
+                    (logits.argmax(1) != labels).sum().double(),
+                    torch.tensor(float(labels.numel()), dtype=torch.float64, device=s.device),
+                ]
+            )
+            totals += batch
+        done = index + 1
+        if done % SYNC_EVERY == 0 or done == num_batches:
+            loss_sum, errors, seen = totals.tolist()
+            if not math.isfinite(loss_sum):
+                raise TrainingDiverged(
+                    f"the training loss became {loss_sum} in epoch {epoch + 1} (batch {done}); "
+                    "stopped, the last good checkpoint is kept (lower optim.lr?)"
+                )
+            if on_batch:
+                elapsed = time.perf_counter() - start
+                on_batch(done, num_batches, loss_sum / seen, 100 * errors / seen, seen * s.world.world_size / elapsed)
+    all_reduce_sum(totals, s.world)
+    loss_sum, errors, seen = totals.tolist()
+    if not math.isfinite(loss_sum):
+        raise TrainingDiverged(f"the training loss became {loss_sum} in epoch {epoch + 1}; stopped, the last good checkpoint is kept")
+    seconds = time.perf_counter() - start
+    return {
+        "train_loss": loss_sum / seen,
+        "train_err": 100 * errors / seen,
+        "epoch_seconds": seconds,
+        "images_per_s": seen / seconds,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    world: World | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Test loss and top-1 / top-5 error (%) over the whole split (summed over ranks)."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1 err, top5 err, n
+    for images, labels in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        correct_k = (top == labels[:, None]).any(dim=1)
+        totals += torch.stack(
+            [
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+                (top[:, 0] != labels).sum().double(),
+                (~correct_k).sum().double(),
+                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+            ]
+        )
+    if world is not None:
+        all_reduce_sum(totals, world)
+    loss_sum, top1, top5, seen = totals.tolist()
+    return {"test_loss": loss_sum / seen, "test_err": 100 * top1 / seen, "test_top5_err": 100 * top5 / seen}

@@ -1,0 +1,85 @@
+"""The ``mssar report`` command (registered in cli.py as ``app.command(name="report")(user_errors(report))``)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from mssar_cli.errors import MssarError
+from mssar_cli.tables import output_console
+
+REPORT_FORMATS = ("rich", "markdown", "csv", "latex")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def report(
+    results_dir: Annotated[str, typer.Argument(help="Results root holding <dataset>/<experiment>/seed<k>/ run directories.")] = "results",
+    fmt: Annotated[str, typer.Option("--format", help="rich | markdown | csv | latex")] = "rich",
+    output: Annotated[
+        Optional[str],
+        typer.Option("--output", help="Write the report to this file (atomically) instead of the terminal; rich is written as markdown."),
+    ] = None,
+    figures: Annotated[Optional[str], typer.Option("--figures", help="write PNG figures to DIR")] = None,
+) -> None:
+    """Tables of final-epoch test errors (mean ± std over seeds), the paper's numbers beside ours.
+
+    Reads run directories only. Runs of the same configuration and protocol are averaged;
+    unfinished runs are counted but never averaged in. Tables 2 and 3 appear for CIFAR runs,
+    Table 5 for ImageNet, then ablations and every other dataset. --figures also writes the
+    training curves (paper Fig. 3/4) and error vs FLOPs (Fig. 5) as PNG files.
+    """
+    from mssar_cli.report import build_report, print_rich, render
+
+    if fmt not in REPORT_FORMATS:
+        raise MssarError(f"--format must be one of {', '.join(REPORT_FORMATS)}, got {fmt!r}")
+    console = output_console()
+    notes = Console(stderr=True)  # where files went: kept off stdout, which may carry CSV
+    tables = build_report(Path(results_dir))
+    if output is not None:
+        target = Path(output)
+        if target.is_dir():
+            raise MssarError(f"--output {output}: is a directory; give a file name such as report.md")
+        text_format = "markdown" if fmt == "rich" else fmt
+        try:
+            _atomic_write(target, render(tables, text_format))
+        except OSError as error:
+            raise MssarError(f"--output {output}: cannot write: {error.strerror or error}") from None
+        notes.print(f"wrote {len(tables)} tables ({text_format}) to {target}", markup=False, highlight=False)
+    elif fmt == "rich":
+        print_rich(tables, console)
+    else:
+        console.print(render(tables, fmt), end="", markup=False, highlight=False, soft_wrap=True)
+    if figures is not None:
+        from mssar_cli.figures import write_figures
+
+        try:
+            paths = write_figures(Path(results_dir), Path(figures))
+        except OSError as error:
+            raise MssarError(f"--figures {figures}: cannot write: {error.strerror or error}") from None
+        if not paths:
+            notes.print(
+                f"no figures: they need finished runs of a plain and an SE or MS-SAR network ({figures} left empty)",
+                markup=False,
+                highlight=False,
+            )
+        for path in paths:
+            notes.print(f"wrote {path}", markup=False, highlight=False)

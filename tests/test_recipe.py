@@ -1,0 +1,366 @@
+"""Recipes: the shipped files follow the paper's protocols, and every bad input is one clear line."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mssar_cli import recipe
+from mssar_cli.errors import MssarError
+from mssar_cli.models import MODELS, list_models
+from mssar_cli.recipe import Recipe, RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+SHIPPED = sorted(RECIPES.glob("**/*.yaml"))
+
+CIFAR_NETS = ("resnet20", "resnet32", "resnet56", "densenet100", "densenet190")
+EXPECTED = (
+    {f"{ds}/{net}_{v}.yaml" for ds in ("cifar10", "cifar100") for net in CIFAR_NETS for v in ("plain", "mssar")}
+    | {f"imagenet/{net}_{v}.yaml" for net in ("resnet18", "resnet34", "resnext50") for v in ("plain", "se", "mssar")}
+    | {f"fashion_mnist/{net}_{v}.yaml" for net in ("resnet20", "resnet56") for v in ("plain", "se", "mssar")}
+    | {"quickstart.yaml", "smoke.yaml"}
+)
+RECALIBRATION_OF_SUFFIX = {"plain": "none", "se": "se", "mssar": "mssar"}
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(RECIPES).as_posix()
+
+
+@functools.cache
+def shipped(path: Path) -> Recipe:
+    """A shipped recipe, loaded once (a frozen Recipe, safe to share between tests)."""
+    return recipe.load(path)
+
+
+# --- the shipped recipes ------------------------------------------------------------------------
+
+
+def test_the_expected_recipes_are_shipped():
+    assert {rel(p) for p in SHIPPED} == EXPECTED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=rel)
+def test_shipped_recipe_loads_and_names_a_model(path: Path):
+    r = shipped(path)  # recipe.load: also runs the cross-field checks
+    assert isinstance(r, Recipe)
+    assert r.source == str(path)
+    assert r.model.name in list_models()
+    assert r.experiment == path.stem  # the key is omitted: the name is the file stem
+    raw = yaml.safe_load(path.read_text())
+    assert "experiment" not in raw
+    # a header comment naming the paper section and the protocol
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("# ")
+    head = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    assert "§" in head and ("protocol" in head.lower() or "smoke" in head.lower())
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.parent != RECIPES], ids=rel)
+def test_paper_recipe_follows_its_protocol(path: Path):
+    r = shipped(path)
+    o, d, m = r.optim, r.data, r.model
+    family = MODELS[m.name].family
+    folder = path.parent.name
+    net, suffix = path.stem.rsplit("_", 1)
+    assert m.name == net
+    assert m.recalibration == RECALIBRATION_OF_SUFFIX[suffix]
+    assert (o.momentum, o.nesterov, o.weight_decay, o.gamma) == (0.9, True, 1e-4, 0.1)
+    assert d.augment is True
+    assert d.subset is None and d.test_subset is None  # the full data sets
+    if folder == "imagenet":
+        assert d.dataset == "imagenet" and family == "imagenet-resnet"
+        assert (o.epochs, o.milestones, d.batch_size, o.lr) == (100, [30, 60, 90], 1024, 0.6)
+        assert d.root == "data/imagenet" and d.workers == 8
+        assert r.run.channels_last is True and r.run.precision == "auto"
+        if m.recalibration != "none":
+            assert m.reduction in (None, 16)  # SENet's ratio, the family default
+        return
+    assert d.root == "data"
+    assert {"cifar10": "cifar10", "cifar100": "cifar100", "fashion_mnist": "fashion-mnist"}[folder] == d.dataset
+    assert o.lr == 0.1
+    if family == "cifar-densenet":
+        assert folder != "fashion_mnist"
+        assert (o.epochs, o.milestones, d.batch_size) == (300, [150, 225], 64)
+        if m.recalibration == "mssar":
+            assert m.stage in (None, "multi")  # None is the family default, multi
+    else:
+        assert family == "cifar-resnet"
+        assert (o.epochs, o.milestones, d.batch_size) == (160, [80, 120], 128)
+        if m.recalibration != "none":
+            assert m.reduction in (None, 3)  # D/3 (paper §4.1); SE the same total width
+    if folder == "fashion_mnist" and m.recalibration == "se":
+        assert m.reduction == 3
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.stem.endswith("mssar") or p.parent == RECIPES], ids=rel)
+def test_mssar_recipes_use_the_papers_scales_and_strategy(path: Path):
+    m = shipped(path).model
+    assert m.recalibration == "mssar"
+    assert (m.scales or [1, 2, 4]) == [1, 2, 4]  # None: the family default, L = {1, 2, 4}
+    assert (m.strategy or "regional") == "regional"
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if not p.stem.endswith("mssar") and p.parent != RECIPES], ids=rel)
+def test_non_mssar_recipes_carry_no_mssar_options(path: Path):
+    m = shipped(path).model
+    assert m.recalibration in ("none", "se")
+    assert m.scales is None and m.strategy is None
+
+
+def test_quickstart_is_a_short_cpu_run_on_fashion_mnist():
+    path = RECIPES / "quickstart.yaml"
+    r = recipe.load(path)
+    assert (r.data.dataset, r.model.name, r.model.recalibration) == ("fashion-mnist", "resnet20", "mssar")
+    assert (r.data.subset, r.data.test_subset, r.data.batch_size) == (6000, 2000, 128)
+    assert r.optim.epochs <= 5 and r.optim.milestones and r.optim.milestones[-1] < r.optim.epochs
+    assert r.run.threads is None and r.run.device == "auto"
+    comments = " ".join(line for line in path.read_text().splitlines() if line.startswith("#")).lower()
+    assert "not the paper" in comments and "shortened" in comments
+    assert "90%" in comments and "chance" in comments
+    assert r.run_dir() == Path("results/fashion_mnist/quickstart/seed0")
+
+
+def test_smoke_is_tiny_and_synthetic():
+    r = recipe.load(RECIPES / "smoke.yaml")
+    assert (r.data.dataset, r.model.name, r.model.recalibration) == ("synthetic", "resnet20", "mssar")
+    assert (r.data.subset, r.data.test_subset, r.data.batch_size, r.data.eval_batch_size) == (256, 128, 64, 128)
+    assert (r.optim.epochs, r.optim.milestones) == (2, [1])
+
+
+# --- bad input: one line naming the file and the key --------------------------------------------
+
+
+def write(tmp_path: Path, text: str, name: str = "bad.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error(path: Path, overrides=(), *must: str) -> str:
+    with pytest.raises(RecipeError) as info:
+        recipe.load(path, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"{path}: "), message
+    for part in must:
+        assert part in message, (part, message)
+    return message
+
+
+BASE = "model:\n  name: resnet20\n  recalibration: mssar\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "must"),
+    [
+        # unknown keys and sections, with a suggestion
+        ("optim:\n  lrr: 0.1\n", ("optim.lrr", "unknown key", "did you mean 'lr'")),
+        ("model:\n  scalez: [1, 2]\n", ("model.scalez", "did you mean 'scales'")),
+        ("modle:\n  name: resnet20\n", ("modle", "unknown key", "did you mean 'model'")),
+        ("data:\n  workerz: 2\n  batch_size: 1\n", ("data.workerz", "'workers'")),
+        # wrong types
+        ("optim:\n  epochs: ten\n", ("optim.epochs", "expected an integer", "'ten'")),
+        ("optim:\n  epochs: 160.0\n", ("optim.epochs", "expected an integer")),
+        ("optim:\n  lr: true\n", ("optim.lr", "expected a number", "True")),
+        ("data:\n  batch_size: [128]\n", ("data.batch_size", "expected an integer", "[128]")),
+        ("optim:\n  milestones: [80, x]\n", ("optim.milestones", "a list of integers", "'x'")),
+        ("optim:\n  milestones: 80\n", ("optim.milestones", "a list of integers")),
+        ("model:\n  scales: [1, two]\n", ("model.scales", "a list of integers", "'two'")),
+        ("data:\n  augment: 1\n", ("data.augment", "true or false")),
+        ("optim:\n  lr: null\n", ("optim.lr", "got null")),
+        ("optim:\n  lr: .nan\n", ("optim.lr", "finite")),
+        ("model:\n  name: 20\n", ("model.name", "expected a string")),
+        ("model: []\n", ("model", "expected a mapping")),
+        ("optim: 0\n", ("optim", "expected a mapping")),
+        ("experiment: a/b\n", ("experiment", "'a/b'")),
+        ("experiment: 7\n", ("experiment",)),
+        # out of range
+        ("optim:\n  lr: -0.1\n", ("optim.lr", "> 0", "-0.1")),
+        ("optim:\n  epochs: 0\n", ("optim.epochs", "> 0")),
+        ("data:\n  batch_size: 0\n", ("data.batch_size", "> 0")),
+        ("optim:\n  momentum: -0.5\n", ("optim.momentum", ">= 0")),
+        ("data:\n  workers: -1\n", ("data.workers", ">= 0")),
+        ("run:\n  threads: 0\n", ("run.threads", "> 0")),
+        # invalid choices
+        ("model:\n  recalibration: foo\n", ("model.recalibration", "none | se | mssar", "'foo'")),
+        ("data:\n  dataset: mnist\n", ("data.dataset", "fashion-mnist", "'mnist'")),
+        ("run:\n  precision: fp16\n", ("run.precision", "bf16", "'fp16'")),
+        ("model:\n  strategy: global\n", ("model.strategy", "regional | sliding")),
+        ("run:\n  device: gpu\n", ("run.device", "'gpu'")),
+        # the learning-rate schedule
+        ("optim:\n  milestones: [120, 80]\n", ("optim.milestones", "increasing", "[120, 80]")),
+        ("optim:\n  milestones: [80, 80]\n", ("optim.milestones", "increasing")),
+        ("optim:\n  milestones: [0, 80]\n", ("optim.milestones", "positive")),
+        ("optim:\n  epochs: 160\n  milestones: [80, 160]\n", ("optim.milestones", "< optim.epochs (160)")),
+        ("optim:\n  epochs: 10\n", ("optim.milestones", "< optim.epochs (10)")),  # default [80, 120]
+        # options that do not apply
+        ("model:\n  recalibration: none\n  scales: [1, 2, 4]\n", ("model.scales", "only to recalibration mssar", "none")),
+        ("model:\n  recalibration: se\n  strategy: regional\n", ("model.strategy", "only to recalibration mssar")),
+        ("model:\n  recalibration: none\n  reduction: 3\n", ("model.reduction", "se or mssar")),
+        ("model:\n  name: resnet56\n  stage: multi\n", ("model.stage", "only to DenseNets", "resnet56")),
+        ("model:\n  scales: []\n", ("model.scales", "non-empty")),
+        ("model:\n  scales: [1, 1]\n", ("model.scales", "distinct")),
+        ("model:\n  scales: [0, 2]\n", ("model.scales", "positive")),
+        # the network
+        ("model:\n  name: resnet50\n", ("model.name", "'resnet50'", "did you mean", "resnet20")),
+        ("model:\n  name: resnet20\ndata:\n  dataset: imagenet\n", ("model.name", "imagenet")),
+        ("model:\n  name: resnet18\ndata:\n  dataset: cifar10\n", ("model.name", "cifar10")),
+        # a key given twice (PyYAML would silently keep the last)
+        ("optim:\n  lr: 0.1\n  lr: 0.2\n", ("optim.lr", "twice", "lines 2 and 3")),
+        ("optim:\n  lr: 0.1\nmodel: {}\noptim:\n  epochs: 3\n", ("optim", "twice", "lines 1 and 4")),
+    ],
+)
+def test_bad_value_is_one_line_naming_file_and_key(tmp_path, text, must):
+    error(write(tmp_path, text), (), *must)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write(tmp_path, BASE + "optim:\n  lr: 0.1\n   epochs: 3\n")
+    error(path, (), "YAML syntax error", "line 6")
+    path = write(tmp_path, "model:\n  name: resnet20\n  scales: [1, 2\n")
+    error(path, (), "YAML syntax error", "line ")
+    path = write(tmp_path, "optim:\n\tlr: 0.1\n")
+    error(path, (), "YAML syntax error", "line 2")
+
+
+def test_unsafe_yaml_tag_is_refused(tmp_path):
+    error(write(tmp_path, "optim: !!python/object/apply:os.system ['true']\n"), (), "line 1")
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    error(path, (), "no such recipe file")
+
+
+def test_empty_file(tmp_path):
+    error(write(tmp_path, ""), (), "empty")
+    error(write(tmp_path, "# only a comment\n", "comment.yaml"), (), "empty")
+
+
+def test_file_that_is_a_yaml_list(tmp_path):
+    error(write(tmp_path, "- model\n- optim\n"), (), "expected a mapping", "list")
+    error(write(tmp_path, "resnet20\n", "scalar.yaml"), (), "expected a mapping", "str")
+
+
+def test_directory(tmp_path):
+    folder = tmp_path / "dir.yaml"
+    folder.mkdir()
+    error(folder, (), "directory")
+
+
+def test_from_dict_rejects_a_non_mapping():
+    with pytest.raises(RecipeError, match=r"^src: expected a mapping.*list"):
+        recipe.from_dict(["model"], "src")
+
+
+def test_recipe_error_is_a_user_error():
+    assert issubclass(RecipeError, MssarError)
+    assert RecipeError.exit_code == 2
+
+
+# --- defaults, numbers and --set ----------------------------------------------------------------
+
+
+def test_defaults_fill_what_the_file_leaves_out(tmp_path):
+    r = recipe.load(write(tmp_path, "model:\ndata:\n  dataset: cifar10\n", "tiny.yaml"))
+    assert r.experiment == "tiny"
+    assert r.model == recipe.ModelSection()
+    assert r.optim == recipe.OptimSection()
+    assert r.data.dataset == "cifar10" and r.data.batch_size == 128
+
+
+def test_exponent_numbers_are_numbers(tmp_path):
+    # PyYAML's YAML 1.1 rules read `1e-4` as a string; recipes read it as the number
+    r = recipe.load(write(tmp_path, BASE + "optim:\n  weight_decay: 1e-4\n  lr: 5E-2\n"))
+    assert r.optim.weight_decay == 1e-4 and r.optim.lr == 0.05
+
+
+def test_recipe_is_frozen(tmp_path):
+    r = recipe.load(RECIPES / "smoke.yaml")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.optim.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.experiment = "x"  # type: ignore[misc]
+
+
+def test_set_overrides(tmp_path):
+    path = write(tmp_path, BASE + "optim:\n  lr: 0.1\n", "base.yaml")
+    r = recipe.load(path, ["optim.lr=0.05", "model.scales=[1,2]", "run.compile=true", "experiment=name"])
+    assert r.optim.lr == 0.05 and isinstance(r.optim.lr, float)
+    assert r.model.scales == [1, 2]
+    assert r.run.compile is True
+    assert r.experiment == "name"
+    assert r.run_dir() == Path("results/synthetic/name/seed0")
+    # the file itself is untouched, later --set wins, exponents and integer-for-float work
+    assert recipe.load(path).optim.lr == 0.1
+    r = recipe.load(path, ["optim.lr=0.2", "optim.lr=0.3", "optim.weight_decay=5e-4", "model.reduction=2"])
+    assert (r.optim.lr, r.optim.weight_decay, r.model.reduction) == (0.3, 5e-4, 2.0)
+    # a section the file does not have, and null back to the default
+    r = recipe.load(path, ["run.seed=2", "run.threads=null", "model.scales=null"])
+    assert r.run.seed == 2 and r.run.threads is None and r.model.scales is None
+    # string keys keep the text even when it looks like a number
+    r = recipe.load(path, ["experiment=2024", "run.output=1"])
+    assert r.experiment == "2024" and r.run.output == "1"
+
+
+@pytest.mark.parametrize(
+    ("item", "must"),
+    [
+        ("optim.lrr=0.1", ("optim.lrr", "unknown key", "did you mean 'lr'")),
+        ("model.scalez=[1]", ("model.scalez", "did you mean 'scales'")),
+        ("optm.lr=0.1", ("optm", "did you mean 'optim'")),
+        ("foo", ("--set 'foo'", "KEY.SUB=VALUE")),
+        ("optim.lr", ("--set 'optim.lr'", "KEY.SUB=VALUE")),
+        ("lr=0.1", ("--set lr", "SECTION.KEY")),
+        ("optim.lr.x=0.1", ("--set optim.lr.x", "SECTION.KEY")),
+        ("optim.lr=[1", ("--set optim.lr", "cannot parse")),
+        ("optim.epochs=ten", ("optim.epochs", "expected an integer")),
+        ("optim.lr=", ("optim.lr", "got null")),
+        ("model.recalibration=none", ("model.scales", "only to recalibration mssar")),  # the file sets scales
+        ("experiment=", ("experiment",)),
+    ],
+)
+def test_bad_set_is_one_line(tmp_path, item, must):
+    path = write(tmp_path, BASE + "  scales: [1, 2, 4]\n", "base.yaml")
+    error(path, [item], *must)
+
+
+def test_set_into_a_section_that_is_not_a_mapping(tmp_path):
+    error(write(tmp_path, "optim: 3\n"), ["optim.lr=0.1"], "optim", "expected a mapping")
+
+
+# --- round trip and run directory ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=rel)
+def test_dump_round_trips(path: Path):
+    r = shipped(path)
+    again = recipe.from_dict(yaml.safe_load(recipe.dump(r)), "dumped")
+    assert again.source == "dumped"
+    assert dataclasses.replace(again, source=r.source) == r
+
+
+def test_save_then_load_round_trips(tmp_path):
+    r = recipe.load(RECIPES / "quickstart.yaml", ["model.scales=[2, 4]", "optim.weight_decay=5e-4", "experiment=x1"])
+    out = tmp_path / "saved.yaml"
+    recipe.save(r, out)
+    again = recipe.load(out)
+    assert again.experiment == "x1"  # the stored name, not the file stem
+    assert dataclasses.replace(again, source=r.source) == r
+
+
+def test_run_dir(tmp_path):
+    r = recipe.load(RECIPES / "fashion_mnist" / "resnet20_mssar.yaml")
+    assert r.dataset_dir == "fashion_mnist"
+    assert r.run_dir() == Path("results/fashion_mnist/resnet20_mssar/seed0")
+    assert r.run_dir(2) == Path("results/fashion_mnist/resnet20_mssar/seed2")
+    r = recipe.load(RECIPES / "cifar100" / "densenet100_plain.yaml", ["run.seed=1", "run.output=out"])
+    assert r.run_dir() == Path("out/cifar100/densenet100_plain/seed1")
+    r = recipe.load(RECIPES / "imagenet" / "resnext50_se.yaml", ["experiment=try"])
+    assert r.run_dir() == Path("results/imagenet/try/seed0")

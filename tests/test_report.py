@@ -1,0 +1,315 @@
+"""mssar report: run directories → tables and figures (fake run directories in the exact format
+that `mssar train` writes: recipe.yaml, epochs.csv, summary.json)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from mssar_cli import paper
+from mssar_cli.errors import MssarError
+from mssar_cli.report import NONE, build_report, collect_runs, read_csv_blocks, render
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(
+    root: Path,
+    dataset: str,
+    experiment: str,
+    seed: int,
+    *,
+    model: str = "resnet20",
+    recalibration: str = "none",
+    scales: list[int] | None = None,
+    strategy: str | None = None,
+    reduction: float | None = None,
+    stage: str | None = None,
+    epochs: int = 4,
+    done: int | None = None,
+    final_err: float = 10.0,
+    subset: int | None = None,
+    batch_size: int = 128,
+    milestones: list[int] | None = None,
+    params: int = 272_474,
+    flops: int | None = 40_810_000,
+    top5: bool | None = None,
+) -> Path:
+    """A run directory as `mssar train` leaves it; ``done < epochs`` leaves it unfinished."""
+    done = epochs if done is None else done
+    top5 = dataset in ("cifar100", "imagenet") if top5 is None else top5
+    run_dir = root / dataset.replace("-", "_") / experiment / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    recipe = {
+        "experiment": experiment,
+        "model": {"name": model, "recalibration": recalibration, "scales": scales, "strategy": strategy, "reduction": reduction, "stage": stage},
+        "data": {"dataset": dataset, "root": "data", "batch_size": batch_size, "eval_batch_size": 512, "augment": True,
+                 "subset": subset, "test_subset": None, "workers": 4, "download": False},
+        "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4, "epochs": epochs,
+                  "milestones": milestones if milestones is not None else [max(1, epochs // 2)], "gamma": 0.1},
+        "run": {"seed": seed, "device": "cpu", "precision": "auto", "channels_last": False, "compile": False,
+                "output": str(root), "checkpoint_every": 1, "threads": None},
+    }
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None))
+    rows = []
+    for epoch in range(1, done + 1):
+        t = epoch / epochs
+        test_err = final_err + (80 - final_err) * (1 - t) ** 2
+        row = {"epoch": epoch, "lr": 0.1, "train_loss": 2.3 * (1 - t) + 0.1, "train_err": max(0.0, test_err - 3),
+               "test_loss": 2.3 * (1 - t) + 0.3, "test_err": test_err}
+        if top5:
+            row["test_top5_err"] = test_err / 3
+        rows.append(row | {"epoch_seconds": 1.0, "images_per_s": 1000.0})
+    if rows:
+        pd.DataFrame(rows).to_csv(run_dir / "epochs.csv", index=False)
+    if done == epochs:
+        final = {k: v for k, v in rows[-1].items() if k not in ("lr", "epoch_seconds", "images_per_s")}
+        summary = {"status": "finished", "experiment": experiment, "dataset": dataset, "model": model,
+                   "recalibration": recalibration, "seed": seed, "epochs": epochs, "final": final,
+                   "best_epoch_not_reported": {"epoch": 1, "test_err": 0.0}, "params": params}
+        if flops is not None:
+            summary["flops"] = flops
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+def table(tables, start: str):
+    matches = [t for t in tables if t.title.startswith(start)]
+    assert matches, f"no table {start!r} in {[t.title for t in tables]}"
+    return matches[0]
+
+
+def row_of(frame: pd.DataFrame, **where) -> pd.Series:
+    mask = pd.Series(True, index=frame.index)
+    for key, value in where.items():
+        mask &= frame[key] == value
+    assert mask.sum() == 1, f"{where}: {mask.sum()} rows in\n{frame}"
+    return frame[mask].iloc[0]
+
+
+@pytest.fixture
+def cifar(tmp_path: Path) -> Path:
+    """RN-20 plain (3 seeds) and MS-SAR (3 finished + 1 unfinished) on CIFAR-10; RN-20 plain on
+    CIFAR-100 with one seed; RN-20 plain on CIFAR-10 under a shorter protocol."""
+    for seed, err in enumerate((8.0, 8.5, 9.0)):
+        write_run(tmp_path, "cifar10", "resnet20_plain", seed, final_err=err)
+    for seed, err in enumerate((7.0, 7.2, 7.7)):
+        write_run(tmp_path, "cifar10", "resnet20_mssar", seed, recalibration="mssar", scales=[1, 2, 4], strategy="regional",
+                  final_err=err, params=279_000, flops=40_900_000)
+    write_run(tmp_path, "cifar10", "resnet20_mssar", 3, recalibration="mssar", done=2, final_err=1.0)  # unfinished, null = defaults
+    write_run(tmp_path, "cifar100", "resnet20_plain", 0, final_err=33.0)
+    write_run(tmp_path, "cifar10", "resnet20_plain_short", 0, epochs=2, subset=600, final_err=40.0)
+    return tmp_path
+
+
+def test_collect_runs_one_row_per_run_directory(cifar: Path) -> None:
+    (cifar / "cifar10" / "logs").mkdir()
+    (cifar / "cifar10" / "logs" / "x-seed0.log").write_text("log")
+    runs = collect_runs(cifar)
+    assert len(runs) == 9
+    mssar = runs[runs["experiment"] == "resnet20_mssar"]
+    assert set(mssar["scales"]) == {"{1,2,4}"} and set(mssar["strategy"]) == {"regional"}
+    assert set(mssar["reduction"]) == {"3"}  # the CIFAR ResNet default, made explicit
+    assert sorted(mssar["status"]) == ["finished"] * 3 + ["unfinished"]
+    unfinished = mssar[mssar["status"] == "unfinished"].iloc[0]
+    assert (unfinished["epochs_done"], unfinished["epochs_planned"]) == (2, 4)
+    plain = runs[(runs["experiment"] == "resnet20_plain") & (runs["dataset"] == "cifar10")]
+    assert set(plain["scales"]) == {NONE} and set(plain["protocol"]) == {"4 ep"}
+    assert plain["test_err"].tolist() == pytest.approx([8.0, 8.5, 9.0])
+    assert set(runs.loc[runs["experiment"] == "resnet20_plain_short", "protocol"]) == {"2 ep, 600 imgs"}
+
+
+def test_table2_means_stds_paper_and_unfinished(cifar: Path) -> None:
+    tables = build_report(cifar)
+    t2 = table(tables, "Table 2").frame
+    plain = row_of(t2, network="RN-20", protocol="4 ep")
+    assert plain["C10 ours"] == "8.50 ± 0.50 (n=3)"
+    assert plain["C10 paper"] == "8.61" and plain["C10 Δ"] == "-0.11"
+    assert plain["C100 ours"] == "33.00 (n=1)"  # one seed: no std
+    assert plain["C100 Δ"] == f"{33.0 - 31.87:+.2f}"
+    star = row_of(t2, network="RN-20*", protocol="4 ep")
+    mean = (7.0 + 7.2 + 7.7) / 3  # the unfinished seed (at 1.0 %) is not averaged in
+    std = pd.Series([7.0, 7.2, 7.7]).std()
+    assert star["C10 ours"] == f"{mean:.2f} ± {std:.2f} (n=3; +1 unfinished)"
+    assert star["C100 ours"] == NONE and star["C100 paper"] == "31.09"  # missing cell, paper still shown
+    assert star["C10 drop ours / paper"] == f"{100 * (8.5 - mean) / 8.5:.1f}% / {100 * (8.61 - 7.61) / 8.61:.1f}%"
+    assert star["params"] == "0.279M" and star["FLOPs"] == "40.90M"
+    # networks nobody ran: one row each, ours "—", the paper's value beside
+    dn = row_of(t2, network="DN-190*")
+    assert dn["C10 ours"] == NONE and dn["C10 paper"] == "3.32" and dn["C10 Δ"] == NONE
+    unfinished = table(tables, "Unfinished runs").frame
+    assert unfinished["run"].tolist() == ["cifar10/resnet20_mssar/seed3"]
+    assert unfinished["epochs done"].tolist() == ["2/4"]
+
+
+def test_protocols_are_never_pooled(cifar: Path) -> None:
+    t2 = table(build_report(cifar), "Table 2").frame
+    short = row_of(t2, network="RN-20", protocol="2 ep, 600 imgs")
+    assert short["C10 ours"] == "40.00 (n=1)"
+    assert row_of(t2, network="RN-20*", protocol="2 ep, 600 imgs")["C10 ours"] == NONE
+    assert row_of(t2, network="RN-20", protocol="4 ep")["C10 ours"].endswith("(n=3)")
+
+
+def test_same_epochs_different_batch_are_separate_and_labelled(tmp_path: Path) -> None:
+    write_run(tmp_path, "synthetic", "a", 0, final_err=5.0)
+    write_run(tmp_path, "synthetic", "b", 0, final_err=50.0, batch_size=64)
+    runs = collect_runs(tmp_path)
+    assert sorted(runs["protocol"]) == ["4 ep, batch 128", "4 ep, batch 64"]
+    frame = table(build_report(tmp_path), "synthetic").frame
+    assert sorted(frame["test error"]) == ["5.00 (n=1)", "50.00 (n=1)"]
+
+
+def test_paper_protocol_is_marked(tmp_path: Path) -> None:
+    write_run(tmp_path, "cifar10", "resnet20_plain", 0, epochs=160, milestones=[80, 120], final_err=8.3)
+    t2 = table(build_report(tmp_path), "Table 2").frame
+    assert row_of(t2, network="RN-20")["protocol"] == "160 ep (paper)"
+
+
+def test_other_dataset_table_delta_and_spread(tmp_path: Path) -> None:
+    for seed, (a, b, c) in enumerate(((10.0, 9.0, 7.0), (10.2, 9.4, 7.2), (9.8, 9.2, 7.1))):
+        write_run(tmp_path, "fashion-mnist", "resnet20_plain", seed, final_err=a)
+        write_run(tmp_path, "fashion-mnist", "resnet20_se", seed, recalibration="se", reduction=3, final_err=b)
+        write_run(tmp_path, "fashion-mnist", "resnet20_mssar", seed, recalibration="mssar", final_err=c)
+    write_run(tmp_path, "fashion-mnist", "resnet56_mssar", 0, model="resnet56", recalibration="mssar", final_err=6.0)
+    tables = build_report(tmp_path)
+    assert [t.title for t in tables] == ["Fashion-MNIST: test error by configuration"]
+    frame = tables[0].frame
+    plain = row_of(frame, network="RN-20", recalibration="plain")
+    assert plain["test error"] == "10.00 ± 0.20 (n=3)" and plain["Δ vs plain"] == "(baseline)"
+    mssar = row_of(frame, network="RN-20", recalibration="MS-SAR")
+    assert mssar["scales"] == "{1,2,4}" and mssar["strategy"] == "regional"
+    assert mssar["Δ vs plain"] == "-2.90 (-29.0%)" and mssar["|Δ| > seed std"] == "yes"
+    se = row_of(frame, network="RN-20", recalibration="SE")
+    assert se["Δ vs plain"] == "-0.80 (-8.0%)" and se["|Δ| > seed std"] == "yes"
+    lone = row_of(frame, network="RN-56")
+    assert lone["Δ vs plain"] == "— (no plain run)" and lone["test error"] == "6.00 (n=1)"
+
+
+def test_table3_from_an_ablation_layout(tmp_path: Path) -> None:
+    cells = {"none": None, "1": [1], "1_2": [1, 2], "1_2_4": [1, 2, 4]}
+    errs = {"none": 7.0, "1": 6.8, "1_2": 6.4, "1_2_4": 6.0}
+    for label, scales in cells.items():
+        for seed in range(2):
+            recal = "none" if scales is None else "mssar"
+            write_run(tmp_path, "cifar10", f"resnet56_mssar--scales-{label}", seed, model="resnet56", recalibration=recal,
+                      scales=scales, strategy=None if scales is None else "regional", final_err=errs[label] + 0.2 * seed)
+    (tmp_path / "cifar10" / "logs").mkdir()
+    tables = build_report(tmp_path)
+    t3 = table(tables, "Table 3")
+    rn = t3.frame[t3.frame["network"] == "RN-56"]
+    assert rn["scales"].tolist() == ["none", "{1}", "{2}", "{4}", "{1,2}", "{1,4}", "{2,4}", "{1,2,4}"]
+    assert row_of(rn, scales="{1,2}")["C10 ours"] == "6.50 ± 0.14 (n=2)"
+    assert row_of(rn, scales="{1,2}")["C10 paper"] == "6.38 ± 0.07 (n=3)"
+    assert row_of(rn, scales="{2}")["C10 ours"] == NONE
+    assert row_of(t3.frame, network="DN-100", scales="{1,2,4}")["C10 paper"] == "4.06 (n=1)"
+    assert "29.07" in t3.caption and "29.41" in t3.caption and "4.16" in t3.caption and "4.06" in t3.caption
+    # the baseline of the ablation is Table 2's plain RN-56 as well
+    assert row_of(table(tables, "Table 2").frame, network="RN-56")["C10 ours"] == "7.10 ± 0.14 (n=2)"
+    assert not [t for t in tables if "other configurations" in t.title]
+
+
+def test_table5_strategy_and_stage(tmp_path: Path) -> None:
+    for recal, err in (("none", 30.0), ("se", 29.5), ("mssar", 29.0)):
+        write_run(tmp_path, "imagenet", f"resnet18_{recal}", 0, model="resnet18", recalibration=recal, final_err=err)
+    for strategy, err in (("regional", 30.0), ("sliding", 30.3)):
+        write_run(tmp_path, "cifar100", f"resnet20_{strategy}", 0, recalibration="mssar", strategy=strategy, final_err=err)
+    for stage, err in (("single", 22.0), ("multi", 21.5)):
+        write_run(tmp_path, "cifar100", f"dn_{stage}", 0, model="densenet100", recalibration="mssar", stage=stage, final_err=err)
+    tables = build_report(tmp_path)
+    titles = [t.title for t in tables]
+    assert titles.index("Ablation: regional vs sliding") > titles.index(table(tables, "Table 5").title)
+    t5 = table(tables, "Table 5").frame
+    se = row_of(t5, network="ResNet-18+SE")
+    assert se["top-1 ours"] == "29.50 (n=1)" and se["top-1 paper"] == "29.78" and se["top-5 ours"] == f"{29.5 / 3:.2f} (n=1)"
+    assert row_of(t5, network="ResNeXt-50")["top-1 ours"] == NONE
+    strategy = table(tables, "Ablation: regional vs sliding").frame.iloc[0]
+    assert strategy["sliding − regional"] == "+0.30" and strategy["paper"].startswith("+0.2")
+    stage = table(tables, "Ablation: DenseNet single").frame.iloc[0]
+    assert stage["single paper"] == f"{paper.STAGE_ABLATION['single']['cifar100']:.2f}"
+    assert stage["single − multi ours"] == "+0.50"
+
+
+def test_every_format(cifar: Path) -> None:
+    tables = build_report(cifar)
+    blocks = read_csv_blocks(render(tables, "csv"))
+    assert len(blocks) == len(tables)
+    for block, t in zip(blocks, tables):
+        assert list(block.columns) == list(t.frame.columns) and len(block) == len(t.frame)
+    markdown = render(tables, "markdown")
+    for t in tables:
+        assert f"### {t.title}" in markdown
+    assert "| network |" in markdown and "RN-20\\*" in markdown
+    latex = render(tables, "latex")
+    assert latex.count(r"\begin{tabular}") == len(tables)
+    assert r"\{1,2,4\}" in latex and r"$\Delta$" in latex and "\x01" not in latex
+    with pytest.raises(MssarError):
+        render(tables, "html")
+
+
+def test_errors_for_missing_and_empty(tmp_path: Path) -> None:
+    with pytest.raises(MssarError, match="no such directory"):
+        build_report(tmp_path / "nope")
+    with pytest.raises(MssarError, match="no run directories found"):
+        build_report(tmp_path)
+
+
+@pytest.fixture
+def realistic(tmp_path: Path) -> Path:
+    rng = [0.0, 0.3, -0.2]
+    for model, flops, base in (("resnet20", 40_810_000, 9.0), ("resnet32", 69_100_000, 8.0)):
+        for recal, gain, extra in (("none", 0.0, 0), ("se", 0.6, 5_000), ("mssar", 1.0, 80_000)):
+            for seed in range(3):
+                write_run(tmp_path, "cifar10", f"{model}_{recal}", seed, model=model, recalibration=recal, epochs=12,
+                          final_err=base - gain + rng[seed], flops=flops + extra)
+    return tmp_path
+
+
+def test_figures_written(realistic: Path, tmp_path: Path) -> None:
+    from mssar_cli.figures import write_figures
+
+    paths = write_figures(realistic, tmp_path / "figs")
+    names = sorted(p.name for p in paths)
+    assert names == ["curves_cifar10_resnet20_12_ep.png", "curves_cifar10_resnet32_12_ep.png", "error_vs_flops_cifar10_12_ep.png"]
+    for path in paths:
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 20_000
+
+
+def test_cli_report(cifar: Path, tmp_path: Path) -> None:
+    from mssar_cli.cli import user_errors
+    from mssar_cli.report_cli import report
+
+    app = typer.Typer()
+    app.command(name="report")(user_errors(report))
+    app.command(name="noop")(lambda: None)  # two commands: `report` stays a subcommand
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", str(cifar)])
+    assert result.exit_code == 0, result.output
+    assert "Table 2" in result.output and "8.61" in result.output
+    out = tmp_path / "out" / "report.md"
+    result = runner.invoke(app, ["report", str(cifar), "--output", str(out), "--figures", str(tmp_path / "figs")])
+    assert result.exit_code == 0, result.output
+    assert out.read_text().startswith("### Table 2") and str(out) in result.output
+    result = runner.invoke(app, ["report", str(cifar), "--format", "csv"])
+    assert result.exit_code == 0 and len(read_csv_blocks(result.stdout)) >= 3
+    result = runner.invoke(app, ["report", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "no such directory" in result.output
+    result = runner.invoke(app, ["report", str(cifar), "--format", "html"])
+    assert result.exit_code == 2 and "--format" in result.output
+
+
+def test_model_table_agrees_with_the_registry() -> None:
+    models = pytest.importorskip("mssar_cli.models")
+    from mssar_cli.report import MODELS
+
+    assert set(MODELS) == set(models.MODELS)
+    for name, (label, family, reduction) in MODELS.items():
+        spec = models.MODELS[name]
+        assert (label, family, reduction) == (spec.label, spec.family, spec.default_reduction)
