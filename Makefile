@@ -37,9 +37,10 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# Appends to results/bench/*.csv and rewrites results/bench/*.md (about 20 minutes on a 2-core CPU).
 bench: setup
-	$(PY) benchmarks/module_step.py
-	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/module_step.py --markdown results/bench/module_step.md
+	$(PY) benchmarks/pipeline.py --markdown results/bench/pipeline.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

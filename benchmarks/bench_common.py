@@ -10,24 +10,15 @@ from pathlib import Path
 
 import torch
 
+from mssar_cli.runs import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "bench"
 
 
-def cpu_model() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return model
-
-
 def machine_name(device: torch.device) -> str:
     """What the numbers were measured on: the GPU (on CUDA), the CPU model and core count, the OS."""
-    host = f"{cpu_model()} ({os.cpu_count()} cores), {platform.system()} {platform.machine()}"
+    host = f"{cpu_name()} ({os.cpu_count()} cores), {platform.system()} {platform.machine()}"
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}; host {host}"
     return host

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -76,19 +76,20 @@ def _check_format(fmt: str) -> None:
 @app.command()
 @user_errors
 def count(
-    model: Annotated[Optional[str], typer.Argument(help="Network name (see --list).")] = None,
+    model: Annotated[str | None, typer.Argument(help="Network name (see --list).")] = None,
     recalibration: Annotated[str, typer.Option(help="none | se | mssar")] = "mssar",
-    scales: Annotated[Optional[str], typer.Option(help="MS-SAR scale set, e.g. 1,2,4.")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="regional | sliding")] = None,
-    reduction: Annotated[Optional[float], typer.Option(help="Total MLP width is D / reduction.")] = None,
-    stage: Annotated[Optional[str], typer.Option(help="single | multi (DenseNets).")] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="Classifier outputs (default 10 or 1000).")] = None,
+    scales: Annotated[str | None, typer.Option(help="MS-SAR scale set, e.g. 1,2,4.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="regional | sliding")] = None,
+    reduction: Annotated[float | None, typer.Option(help="Total MLP width is D / reduction.")] = None,
+    stage: Annotated[str | None, typer.Option(help="single | multi (DenseNets).")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Classifier outputs (default 10 or 1000).")] = None,
     paper: Annotated[bool, typer.Option("--paper", help="Every row of Tables 2 and 5, paper beside ours.")] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the networks.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="rich | csv | markdown | latex")] = "rich",
 ) -> None:
     """Parameters and FLOPs (MACs, ptflops aten backend) beside the baseline and the paper."""
-    from mssar_cli import complexity, paper as paper_data
+    from mssar_cli import complexity
+    from mssar_cli import paper as paper_data
     from mssar_cli.models import list_models, model_spec
 
     _check_format(fmt)
@@ -139,7 +140,7 @@ def _progress(fmt: str):
 
 
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a recipe field: --set optim.lr=0.05 (repeatable)."),
 ]
 
@@ -149,14 +150,15 @@ SetOption = Annotated[
 def train(
     recipe: Annotated[str, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml")],
     set_: SetOption = None,
-    seed: Annotated[Optional[int], typer.Option(help="Override run.seed.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override run.seed.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="One plain line per epoch, no progress bar.")] = False,
 ) -> None:
     """Train a network from a recipe into results/<dataset>/<experiment>/seed<k>/."""
     from mssar_cli import recipe as recipes
     from mssar_cli.progress import PlainReporter, RichReporter
-    from mssar_cli.training import train as run_training, with_seed
+    from mssar_cli.training import train as run_training
+    from mssar_cli.training import with_seed
 
     loaded = with_seed(recipes.load(recipe, set_ or []), seed)
     plain = quiet or not console.is_terminal
@@ -173,7 +175,7 @@ def train(
 def eval_(
     path: Annotated[str, typer.Argument(help="A run directory or a checkpoint.pt.")],
     set_: SetOption = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (default: the recipe's).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N (default: the recipe's).")] = None,
 ) -> None:
     """Re-evaluate a finished (or interrupted) run on its test split; compare with its CSV."""
     from pathlib import Path
@@ -201,7 +203,7 @@ def eval_(
 def ablate(
     kind: Annotated[str, typer.Argument(help="scales | strategy | stage | recalibration | grid")],
     recipe: Annotated[str, typer.Argument(help="The base recipe.")],
-    grid: Annotated[Optional[list[str]], typer.Option("--grid", help="Another axis: KEY=V1,V2 (repeatable).")] = None,
+    grid: Annotated[list[str] | None, typer.Option("--grid", help="Another axis: KEY=V1,V2 (repeatable).")] = None,
     seeds: Annotated[int, typer.Option(help="Runs per cell (seeds run.seed, run.seed+1, ...).")] = 1,
     jobs: Annotated[int, typer.Option(help="Runs at once (CPU threads are split between them).")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their state; run nothing.")] = False,
@@ -255,7 +257,7 @@ def ablate(
         raise fail(f"{len(failures)} run(s) failed; their logs are under {planned[0].run_dir.parent.parent / 'logs'}", 1)
 
 
-from mssar_cli.report_cli import report  # noqa: E402  (its own module: it is a big command)
+from mssar_cli.report_cli import report
 
 app.command(name="report")(user_errors(report))
 

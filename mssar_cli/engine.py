@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mssar_cli.data import DataSpec, DatasetInfo, build_loaders
+from mssar_cli.data import DatasetInfo, DataSpec, build_loaders
 from mssar_cli.distributed import World, all_reduce_sum
 from mssar_cli.errors import MssarError
 from mssar_cli.models import create_model

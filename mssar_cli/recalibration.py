@@ -218,6 +218,48 @@ class MSSAR(nn.Module):
             )
             refined = sums / area
 
+        if plan.uniform and all(rh % k == 0 and rw % k == 0 for k in self.scales):
+            weights = self._nested_weights(refined)
+        else:
+            weights = self._refined_weights(refined, plan)
+
+        if plan.uniform and x.is_contiguous():
+            # No full-size weight map: the weights are widened along W only (1/sh of the map) and
+            # broadcast over the sh rows of each region band. Keeping W as the innermost, contiguous
+            # dimension of both operands is what makes this multiply (and its backward) as fast as
+            # SE's; a 6-D broadcast over (sh, sw) blocks is 2-3x slower on CPU.
+            sh, sw = plan.rows.sizes[0], plan.cols.sizes[0]
+            banded = weights.expand(n, d, rh, rw).repeat_interleave(sw, dim=3)  # (n, d, rh, W)
+            out = x.reshape(n, d, rh, sh, width) * banded.unsqueeze(3)
+            return out.reshape(n, d, height, width)
+        full = weights.expand(n, d, rh, rw).index_select(2, plan.row_segment)
+        return x * full.index_select(3, plan.col_segment)
+
+    def _nested_weights(self, refined: torch.Tensor) -> torch.Tensor:
+        """Mean over scales of the weights on an equal-block grid that every scale's regions nest in.
+
+        Each K x K region is then exactly (rh/K) x (rw/K) refined blocks of equal size, so its mean
+        is an average pool of the refined means, and its weight reaches the refined grid by a
+        nearest upsampling. The common case: {1, 2, 4} on 32x32, 16x16, 8x8 maps (grid 4 x 4).
+        """
+        n, _, rh, rw = refined.shape
+        weights = None
+        for k, branch in zip(self.scales, self.branches):
+            if k == 1:
+                term = branch(refined.mean((2, 3)))[:, :, None, None]  # broadcast over the grid
+            else:
+                pooled = refined if k == rh and k == rw else F.avg_pool2d(refined, (rh // k, rw // k))
+                z = _unrows(branch(_rows(pooled)), n, k, k)
+                # nearest upsampling by the integer factors: region r covers blocks r*f .. r*f+f-1
+                # (its backward kernel is several times faster than an expand's strided sum)
+                term = z if k == rh and k == rw else F.interpolate(z, size=(rh, rw), mode="nearest")
+            weights = term if weights is None else weights + term
+        return weights / len(self.scales)
+
+    def _refined_weights(self, refined: torch.Tensor, plan) -> torch.Tensor:
+        """Mean over scales of the weights on the refined grid, for any partition (index_add)."""
+        n, d = refined.shape[0], self.channels
+        rw = refined.shape[3]
         weights = None  # sum over scales of each scale's weights, on the refined grid
         for k, branch, rows, cols, share in zip(
             self.scales, self.branches, plan.row_region, plan.col_region, plan.share
@@ -231,19 +273,7 @@ class MSSAR(nn.Module):
                 z = _unrows(branch(_rows(pooled)), n, k, k)
                 z = z.index_select(2, rows).index_select(3, cols)
             weights = z if weights is None else weights + z
-        weights = weights / len(self.scales)
-
-        if plan.uniform and x.is_contiguous():
-            # No full-size weight map: the weights are widened along W only (1/sh of the map) and
-            # broadcast over the sh rows of each region band. Keeping W as the innermost, contiguous
-            # dimension of both operands is what makes this multiply (and its backward) as fast as
-            # SE's; a 6-D broadcast over (sh, sw) blocks is 2-3x slower on CPU.
-            sh, sw = plan.rows.sizes[0], plan.cols.sizes[0]
-            banded = weights.expand(n, d, rh, rw).repeat_interleave(sw, dim=3)  # (n, d, rh, W)
-            out = x.reshape(n, d, rh, sh, width) * banded.unsqueeze(3)
-            return out.reshape(n, d, height, width)
-        full = weights.expand(n, d, rh, rw).index_select(2, plan.row_segment)
-        return x * full.index_select(3, plan.col_segment)
+        return weights / len(self.scales)
 
     # --- sliding strategy ---------------------------------------------------------------------
 

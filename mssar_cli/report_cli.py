@@ -2,43 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from mssar_cli.errors import MssarError
+from mssar_cli.runs import atomic_write_text
 from mssar_cli.tables import output_console
 
 REPORT_FORMATS = ("rich", "markdown", "csv", "latex")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def report(
     results_dir: Annotated[str, typer.Argument(help="Results root holding <dataset>/<experiment>/seed<k>/ run directories.")] = "results",
     fmt: Annotated[str, typer.Option("--format", help="rich | markdown | csv | latex")] = "rich",
     output: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--output", help="Write the report to this file (atomically) instead of the terminal; rich is written as markdown."),
     ] = None,
-    figures: Annotated[Optional[str], typer.Option("--figures", help="write PNG figures to DIR")] = None,
+    figures: Annotated[str | None, typer.Option("--figures", help="write PNG figures to DIR")] = None,
 ) -> None:
     """Tables of final-epoch test errors (mean ± std over seeds), the paper's numbers beside ours.
 
@@ -60,7 +44,7 @@ def report(
             raise MssarError(f"--output {output}: is a directory; give a file name such as report.md")
         text_format = "markdown" if fmt == "rich" else fmt
         try:
-            _atomic_write(target, render(tables, text_format))
+            atomic_write_text(target, render(tables, text_format))
         except OSError as error:
             raise MssarError(f"--output {output}: cannot write: {error.strerror or error}") from None
         notes.print(f"wrote {len(tables)} tables ({text_format}) to {target}", markup=False, highlight=False)

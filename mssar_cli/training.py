@@ -76,7 +76,13 @@ def _train(recipe: Recipe, device: torch.device, world: distributed.World, resum
             f"{run_dir}: holds an unfinished run; pass --resume to continue it, or remove the directory"
         )
 
-    session = build_session(recipe, recipe.run.seed, device, world)  # data errors surface here
+    try:
+        session = build_session(recipe, recipe.run.seed, device, world)  # data errors surface here
+    except MssarError as error:
+        if recipe.source and not str(error).startswith(str(recipe.source)):
+            key = "data.root: " if "not found" in str(error) else ""
+            raise type(error)(f"{recipe.source}: {key}{error}") from None
+        raise
     history: list[dict] = []
     first_epoch = 0
     if resume and checkpoint_path.exists():

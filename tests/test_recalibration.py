@@ -340,7 +340,7 @@ def test_fast_equals_direct(strategy, scales, size, dtype):
         # width-1 BN bias are sums with heavy cancellation, so their own relative error in fp32
         # says nothing about the implementation (it is ~2e-5 for either one against float64).
         params = [key for key in want if key.startswith("param:")]
-        flat = lambda grads: torch.cat([grads[key].flatten() for key in params])  # noqa: E731
+        flat = lambda grads: torch.cat([grads[key].flatten() for key in params])
         assert rel_err(flat(got), flat(want)) <= 1e-5
 
 

@@ -23,8 +23,10 @@ EXPECTED = (
     {f"{ds}/{net}_{v}.yaml" for ds in ("cifar10", "cifar100") for net in CIFAR_NETS for v in ("plain", "mssar")}
     | {f"imagenet/{net}_{v}.yaml" for net in ("resnet18", "resnet34", "resnext50") for v in ("plain", "se", "mssar")}
     | {f"fashion_mnist/{net}_{v}.yaml" for net in ("resnet20", "resnet56") for v in ("plain", "se", "mssar")}
+    | {f"fashion_mnist/cpu_short/resnet20_{v}.yaml" for v in ("plain", "se", "mssar")}
     | {"quickstart.yaml", "smoke.yaml"}
 )
+CPU_SHORT = RECIPES / "fashion_mnist" / "cpu_short"
 RECALIBRATION_OF_SUFFIX = {"plain": "none", "se": "se", "mssar": "mssar"}
 
 
@@ -51,9 +53,13 @@ def test_shipped_recipe_loads_and_names_a_model(path: Path):
     assert isinstance(r, Recipe)
     assert r.source == str(path)
     assert r.model.name in list_models()
-    assert r.experiment == path.stem  # the key is omitted: the name is the file stem
     raw = yaml.safe_load(path.read_text())
-    assert "experiment" not in raw
+    if path.parent == CPU_SHORT:  # named apart from the full-protocol runs of the same network
+        net, suffix = path.stem.rsplit("_", 1)
+        assert r.experiment == raw["experiment"] == f"{net}_cpu_short_{suffix}"
+    else:
+        assert r.experiment == path.stem  # the key is omitted: the name is the file stem
+        assert "experiment" not in raw
     # a header comment naming the paper section and the protocol
     header = path.read_text().splitlines()[0]
     assert header.startswith("# ")
@@ -61,7 +67,23 @@ def test_shipped_recipe_loads_and_names_a_model(path: Path):
     assert "§" in head and ("protocol" in head.lower() or "smoke" in head.lower())
 
 
-@pytest.mark.parametrize("path", [p for p in SHIPPED if p.parent != RECIPES], ids=rel)
+@pytest.mark.parametrize("path", sorted(CPU_SHORT.glob("*.yaml")), ids=rel)
+def test_cpu_short_recipe_is_the_shortened_cifar_protocol(path: Path):
+    """The committed Fashion-MNIST results' protocol: the CIFAR ResNet recipe on fixed subsets,
+    8 epochs with the lr steps at the same fractions (1/2, 3/4) as 80/120 of 160."""
+    r = shipped(path)
+    o, d, m = r.optim, r.data, r.model
+    assert (m.name, m.recalibration) == ("resnet20", RECALIBRATION_OF_SUFFIX[path.stem.rsplit("_", 1)[1]])
+    assert (d.dataset, d.subset, d.test_subset, d.batch_size, d.augment) == ("fashion-mnist", 6000, 2000, 128, True)
+    assert (o.lr, o.momentum, o.nesterov, o.weight_decay, o.gamma) == (0.1, 0.9, True, 1e-4, 0.1)
+    assert (o.epochs, o.milestones) == (8, [4, 6])
+    if m.recalibration != "none":
+        assert m.reduction == 3
+    head = path.read_text()
+    assert "SHORTENED" in head and "not comparable" in head
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.parent not in (RECIPES, CPU_SHORT)], ids=rel)
 def test_paper_recipe_follows_its_protocol(path: Path):
     r = shipped(path)
     o, d, m = r.optim, r.data, r.model

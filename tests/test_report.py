@@ -4,7 +4,6 @@ that `mssar train` writes: recipe.yaml, epochs.csv, summary.json)."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pandas as pd
