@@ -153,6 +153,9 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Override run.seed.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="One plain line per epoch, no progress bar.")] = False,
+    download: Annotated[
+        bool, typer.Option("--download", help="CIFAR: let torchvision download the data (data.download=true).")
+    ] = False,
 ) -> None:
     """Train a network from a recipe into results/<dataset>/<experiment>/seed<k>/."""
     from mssar_cli import recipe as recipes
@@ -160,7 +163,8 @@ def train(
     from mssar_cli.training import train as run_training
     from mssar_cli.training import with_seed
 
-    loaded = with_seed(recipes.load(recipe, set_ or []), seed)
+    overrides = [*(set_ or []), *(["data.download=true"] if download else [])]
+    loaded = with_seed(recipes.load(recipe, overrides), seed)
     plain = quiet or not console.is_terminal
     reporter = PlainReporter(console) if plain else RichReporter(console)
     try:
