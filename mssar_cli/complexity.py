@@ -29,7 +29,22 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
-    """MACs of one forward pass on a (1, C, S, S) input, eval mode (ptflops, aten backend)."""
+    """MACs of one forward pass on a (1, C, S, S) input, eval mode (ptflops, aten backend).
+
+    Regional MS-SAR modules are counted in their direct form (paper §3.5: the MLPs on the K x K
+    pooled positions, the same MACs as the fast form's). The fast form computes the same thing,
+    but on small maps it pools and spreads with 0/1 block-matrix products, data movement that
+    ptflops would count as matrix multiplies.
+    """
+    from mssar_cli.recalibration import MSSAR
+
+    switched = [
+        m
+        for m in model.modules()
+        if isinstance(m, MSSAR) and m.strategy == "regional" and m.implementation != "direct"
+    ]
+    for module in switched:
+        module.implementation = "direct"
     was_training = model.training
     model.eval()
     try:
@@ -43,6 +58,8 @@ def count_flops(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
             )
     finally:
         model.train(was_training)
+        for module in switched:
+            module.implementation = "fast"
     if macs is None:
         raise RuntimeError("ptflops could not count the model's FLOPs")
     return int(macs)

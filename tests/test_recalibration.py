@@ -27,7 +27,7 @@ from mssar_cli.recalibration import (
 
 SCALE_SETS = [(1,), (2,), (4,), (1, 2), (1, 4), (2, 4), (1, 2, 4), (1, 3)]
 SIZES = [(32, 32), (8, 8), (7, 7), (9, 13)]
-EQUIV_SIZES = [(32, 32), (14, 14), (7, 7), (9, 13)]
+EQUIV_SIZES = [(32, 32), (16, 16), (14, 14), (8, 8), (7, 7), (9, 13)]  # 16, 8: matrix-product paths
 STRATEGIES = ["regional", "sliding"]
 CHANNELS, SOURCE_CHANNELS = 8, 12
 
