@@ -13,16 +13,17 @@ full map once. When the refined grid has equal blocks that every scale's regions
 return to it by nearest upsampling; the full-size pooling and multiply are a custom strided sum
 and a W-widened band multiply on large maps and matrix products with a 0/1 block matrix on small
 ones (each chosen by measurement on CPU, see README "Performance"). Other partitions (7 x 7 with
-K = 4) use exact index sums. No full-size weight map is materialised or saved. ``implementation="direct"`` is the textbook version of Fig. 2 (a pooling, two
-1 x 1 convolutions, a BN and an upsampled full-size weight map per scale, then their mean): it
-shares the parameters, is the oracle of the tests and the reference of the benchmarks.
+K = 4) use exact index sums. No full-size weight map is materialised or saved.
+``implementation="direct"`` is the textbook version of Fig. 2 (a pooling, two 1 x 1
+convolutions, a BN and an upsampled full-size weight map per scale, then their mean): it shares
+the parameters, is the oracle of the tests and the reference of the benchmarks.
 """
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -128,13 +129,15 @@ class _BlockScale(torch.autograd.Function):
         grad_x = grad * _spread(w, blocks, x.shape) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = ((grad * x).reshape(n * d, height * width) @ blocks.t()).view(w.shape)
+            per_position = (grad * x).reshape(n * d, height * width)
+            grad_w = (per_position @ blocks.t().to(per_position.dtype)).view(w.shape).to(w.dtype)
         return grad_x, grad_w, None
 
 
 def _spread(w: torch.Tensor, blocks: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The (N, D, H, W) map that gives every position its block's weight in ``w``."""
     n, d = w.shape[:2]
-    return (w.reshape(n * d, -1) @ blocks).view(shape)
+    return (w.reshape(n * d, -1) @ blocks.to(w.dtype)).view(shape)
 
 
 class _BlockMean(torch.autograd.Function):
@@ -171,9 +174,9 @@ def _global_branch(branch: ScaleBranch, pooled: torch.Tensor, positions: int) ->
     Bessel's factor for N * positions values, not N: that update is reproduced here exactly.
     """
     bn = branch.bn
-    hidden = branch.reduce(pooled)
     if not (bn.training and bn.track_running_stats and bn.running_var is not None):
         return branch(pooled)
+    hidden = branch.reduce(pooled)
     normalised = F.batch_norm(hidden, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
@@ -295,7 +298,7 @@ class MSSAR(nn.Module):
             # One pass over the full source: mean of every refined block.
             refined = _BlockMean.apply(source, sh, sw)
         elif plan.uniform:
-            refined = F.avg_pool2d(source, (plan.rows.sizes[0], plan.cols.sizes[0]))
+            refined = F.avg_pool2d(source, (sh, sw))
         else:
             sums = source.new_zeros(n, source.shape[1], rh, width).index_add(
                 2, plan.row_segment, source

@@ -734,3 +734,17 @@ def test_grid_plan_shares():
                 assert share[mask].sum().item() == pytest.approx(1.0)
     assert plan.row_segment.tolist() == list(axis_plan(9, (1, 3)).segment_of_index)
     assert plan.col_segment.tolist() == list(axis_plan(13, (1, 3)).segment_of_index)
+
+
+@pytest.mark.parametrize("size", [8, 16, 32], ids=lambda s: f"{s}x{s}")
+def test_fast_path_trains_under_bf16_autocast(size):
+    """GPU recipes train under bf16 autocast: the weights come out of autocast's bf16 matmuls while
+    the map may stay fp32; every fast path (block matrix, strided sums) must still backpropagate."""
+    torch.manual_seed(11)
+    module = MSSAR(CHANNELS, (1, 2, 4)).train()
+    x = torch.randn(4, CHANNELS, size, size, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    out.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
