@@ -244,7 +244,7 @@ def _load_cifar(spec: DataSpec) -> tuple[Split, Split]:
     missing = [f for f in train_files + test_files if not (folder / f).is_file()]
     if missing:
         raise MssarError(
-            f"{name} data not found: searched {folder} (missing {', '.join(missing)}); pass "
+            f"data.root: {name} data not found: searched {folder} (missing {', '.join(missing)}); pass "
             f"--set data.download=true on a machine with internet, or put {CIFAR_FOLDERS[name]} "
             f"(extracted from {CIFAR_URLS[name]}) under {root}"
         )
@@ -296,7 +296,7 @@ def _find_fashion_mnist(spec: DataSpec) -> Path:
         if all((folder / file).is_file() for file in FASHION_FILES.values()):
             return folder
     raise MssarError(
-        f"fashion-mnist data not found: searched {', '.join(map(str, searched))} for "
+        f"data.root: fashion-mnist data not found: searched {', '.join(map(str, searched))} for "
         f"{', '.join(FASHION_FILES.values())}; apt-get install dataset-fashion-mnist, or put the "
         f"four .gz files in {_root(spec)}"
     )
@@ -506,7 +506,7 @@ def _imagenet_folders(spec: DataSpec):
     for split in ("train", "val"):
         path = root / split
         if not path.is_dir():
-            raise MssarError(f"imagenet data not found: searched {path} (no such directory); {hint}")
+            raise MssarError(f"data.root: imagenet data not found: searched {path} (no such directory); {hint}")
         try:
             folders.append(ImageFolder(str(path)))
         except (FileNotFoundError, OSError) as err:

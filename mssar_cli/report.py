@@ -579,17 +579,26 @@ def _table5(configs: pd.DataFrame, shown: set) -> ReportTable:
     return ReportTable("Table 5: ImageNet top-1 / top-5 error (%), ours vs paper", pd.DataFrame(rows), caption)
 
 
+def _paired(configs: pd.DataFrame, keys: list[str], column: str, values: tuple[str, str], shown: set):
+    """Groups of ``configs`` equal in ``keys`` that hold both ``values`` of ``column``.
+
+    Yields (the group's first row, the rows with values[0], the rows with values[1]) and marks
+    those rows as shown.
+    """
+    for _, group in configs.groupby(keys, sort=False):
+        a, b = (group[group[column] == value] for value in values)
+        if a.empty or b.empty:
+            continue
+        shown.update(a.index)
+        shown.update(b.index)
+        yield group.iloc[0], a, b
+
+
 def _strategy_table(configs: pd.DataFrame, shown: set) -> ReportTable | None:
     mssar = _match(configs, recalibration="mssar")
     keys = ["dataset", "model", "scales", "stage", "reduction", "protocol_key"]
     rows = []
-    for _, group in mssar.groupby(keys, sort=False):
-        regional, sliding = group[group["strategy"] == "regional"], group[group["strategy"] == "sliding"]
-        if regional.empty or sliding.empty:
-            continue
-        shown.update(regional.index)
-        shown.update(sliding.index)
-        first = group.iloc[0]
+    for first, regional, sliding in _paired(mssar, keys, "strategy", ("regional", "sliding"), shown):
         r, s = stat(regional), stat(sliding)
         rows.append(
             {
@@ -618,13 +627,7 @@ def _stage_table(configs: pd.DataFrame, shown: set) -> ReportTable | None:
     dense = configs[(configs["stage"] != NONE)] if not configs.empty else configs
     keys = ["dataset", "model", "recalibration", "scales", "strategy", "reduction", "protocol_key"]
     rows = []
-    for _, group in dense.groupby(keys, sort=False):
-        single, multi = group[group["stage"] == "single"], group[group["stage"] == "multi"]
-        if single.empty or multi.empty:
-            continue
-        shown.update(single.index)
-        shown.update(multi.index)
-        first = group.iloc[0]
+    for first, single, multi in _paired(dense, keys, "stage", ("single", "multi"), shown):
         s, m = stat(single), stat(multi)
         has_paper = (
             first["dataset"] in CIFAR

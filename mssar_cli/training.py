@@ -78,10 +78,9 @@ def _train(recipe: Recipe, device: torch.device, world: distributed.World, resum
 
     try:
         session = build_session(recipe, recipe.run.seed, device, world)  # data errors surface here
-    except MssarError as error:
+    except MssarError as error:  # name the recipe the data (or subset, batch) came from
         if recipe.source and not str(error).startswith(str(recipe.source)):
-            key = "data.root: " if "not found" in str(error) else ""
-            raise type(error)(f"{recipe.source}: {key}{error}") from None
+            raise type(error)(f"{recipe.source}: {error}") from None
         raise
     history: list[dict] = []
     first_epoch = 0
