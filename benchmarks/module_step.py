@@ -14,9 +14,8 @@ plain divided by SE's).
 
 Peak memory: on CUDA, the peak of ``torch.cuda.max_memory_allocated`` during one training step
 of the variant (the other variants' resident parameters are subtracted, its own added). On CPU,
-the bytes of the unique storages autograd saves for backward during the forward pass
-(``torch.autograd.graph.saved_tensors_hooks``, parameters excluded) plus the parameter and
-gradient bytes.
+the peak of the allocator's running total during one training step, from ``torch.profiler``'s
+memory records (:func:`cpu_peak_bytes`), plus the parameter and optimizer-state bytes.
 
 Rows are appended to ``results/bench/module_step.csv`` (``--csv``), with the machine, torch
 version, device, threads and precision; ``--markdown PATH`` also writes the summary tables as
@@ -153,29 +152,42 @@ def measure_memory(runner: Runner, x: torch.Tensor, y: torch.Tensor, device: tor
         step(runner, x, y, device)
         # this step's transient memory (activations, grads, temporaries) + its own parameters
         # and optimizer state, which were already in `before`
-        state = sum(
-            t.numel() * t.element_size()
-            for s in runner.optimizer.state.values()
-            for t in s.values()
-            if torch.is_tensor(t)
-        )
+        state = optimizer_state_bytes(runner)
         return torch.cuda.max_memory_allocated(device) - before + param_bytes(model) + state
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    return cpu_peak_bytes(runner, x, y, device) + param_bytes(model) + optimizer_state_bytes(runner)
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in params:
-            saved[ptr] = max(saved.get(ptr, 0), storage.nbytes())
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = nn.functional.cross_entropy(model(x), y)
-    activations = sum(saved.values())
-    loss.backward()
+def optimizer_state_bytes(runner: Runner) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for s in runner.optimizer.state.values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
+
+
+def cpu_peak_bytes(runner: Runner, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
+    """Peak bytes allocated above the level at the start of one training step, on CPU.
+
+    From the allocator's own records: ``torch.profiler`` with ``profile_memory=True`` logs every
+    CPU allocation and free (``[memory]`` events, signed sizes); their running sum in time order
+    is the memory the step holds beyond what existed before it (parameters, optimizer state).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
     runner.optimizer.zero_grad(set_to_none=True)
-    return activations + 2 * param_bytes(model)  # saved activations + parameters + gradients
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(runner, x, y, device)
+    records = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    level = peak = 0
+    for _, nbytes in records:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
 
 
 def median_ms(values: list[float]) -> float:

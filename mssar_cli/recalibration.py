@@ -5,15 +5,13 @@ Both are called as ``module(x)`` or ``module(x, source)``: the weights are compu
 DenseNet recalibration (§3.4), where the weights of a layer's ``k`` new maps come from the
 layer's whole input.
 
-``MSSAR(implementation="fast")`` (the default) pools the source once onto the refined grid of
-all scales (see :mod:`mssar_cli.partition`), runs every scale's MLP on its K x K pooled
-positions as matrix products, averages the scales' weights on that small grid and multiplies the
-full map once. When the refined grid has equal blocks that every scale's regions nest in ({1, 2,
-4} on 32/16/8 maps), coarser region means come from the grid by average pooling and the weights
-return to it by nearest upsampling; the full-size pooling and multiply are a custom strided sum
-and a W-widened band multiply on large maps and matrix products with a 0/1 block matrix on small
-ones (each chosen by measurement on CPU, see README "Performance"). Other partitions (7 x 7 with
-K = 4) use exact index sums. No full-size weight map is materialised or saved.
+``MSSAR(implementation="fast")`` (the default) pools the source once onto the regions of every
+scale, runs every scale's MLP on its K x K pooled positions as matrix products, and multiplies
+the full map once by the mean over scales of the weights, without materialising a full-size
+weight map per scale. In training, the pooling and the multiply are one autograd node
+(:mod:`mssar_cli.fused_gate`) whose backward makes two passes over the map; maps it does not
+cover (channels-last, large non-uniform partitions, ``torch.compile``) use the same steps as
+plain autograd operations.
 ``implementation="direct"`` is the textbook version of Fig. 2 (a pooling, two 1 x 1
 convolutions, a BN and an upsampled full-size weight map per scale, then their mean): it shares
 the parameters, is the oracle of the tests and the reference of the benchmarks.
@@ -21,15 +19,15 @@ the parameters, is the oracle of the tests and the reference of the benchmarks.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from mssar_cli.fused_gate import MATRIX_MAP, SMALL_MAP, BandLayout, MatrixLayout, fused_gate
 from mssar_cli.partition import grid_plan, region_bounds
 
 STRATEGIES = ("regional", "sliding")
@@ -77,7 +75,11 @@ class ScaleBranch(nn.Module):
         self.expand = nn.Linear(hidden_channels, channels)  # Ω2 and its bias
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.expand(F.relu(self.bn(self.reduce(pooled)))))
+        # The hidden units as (1, D', rows): BN's statistics then reduce over a contiguous last
+        # dimension (on CPU about 4x faster than over the rows of a (rows, D') matrix).
+        hidden = (self.reduce.weight @ pooled.t()).unsqueeze(0)
+        hidden = F.relu(self.bn(hidden)).squeeze(0)
+        return torch.sigmoid(torch.addmm(self.expand.bias, hidden.t(), self.expand.weight.t()))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -88,81 +90,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _unrows(z: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     """(N*H*W, D) -> (N, D, H, W), the inverse of :func:`_rows`."""
     return z.view(n, h, w, -1).permute(0, 3, 1, 2)
-
-
-# Map sizes (H*W) up to which block pooling (SMALL_MAP) and the block multiply (TINY_MAP) run as
-# matrix products with a 0/1 block matrix: on small maps the strided reductions and broadcasts
-# have inner dimensions of 2-8 elements and are several times slower than BLAS (measured on CPU:
-# ResNet-56's 8x8 stage, pooling 3.4 -> 0.7 ms, multiply 4.4 -> 1.9 ms, batch 128).
-SMALL_MAP = 256
-TINY_MAP = 64
-
-
-@lru_cache(maxsize=64)
-def _block_matrix(
-    height: int, width: int, sh: int, sw: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """(blocks, H*W) 0/1 matrix: row b marks the positions of sh x sw block b (row-major)."""
-    rows = torch.arange(height) // sh
-    cols = torch.arange(width) // sw
-    block = (rows[:, None] * (width // sw) + cols[None, :]).reshape(-1)
-    count = (height // sh) * (width // sw)
-    return (block[None, :] == torch.arange(count)[:, None]).to(device=device, dtype=dtype)
-
-
-class _BlockScale(torch.autograd.Function):
-    """``x * w`` with the block weights ``w`` (N, D, rh, rw) spread over their blocks of ``x``.
-
-    The full-size weight map is a matrix product with the block matrix, recomputed in backward
-    rather than saved (saving it would add a full-size tensor to the training memory).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w, blocks)
-        return x * _spread(w, blocks, x.shape)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, w, blocks = ctx.saved_tensors
-        n, d, height, width = x.shape
-        grad_x = grad * _spread(w, blocks, x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            per_position = (grad * x).reshape(n * d, height * width)
-            grad_w = (per_position @ blocks.t().to(per_position.dtype)).view(w.shape).to(w.dtype)
-        return grad_x, grad_w, None
-
-
-def _spread(w: torch.Tensor, blocks: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The (N, D, H, W) map that gives every position its block's weight in ``w``."""
-    n, d = w.shape[:2]
-    return (w.reshape(n * d, -1) @ blocks.to(w.dtype)).view(shape)
-
-
-class _BlockMean(torch.autograd.Function):
-    """``avg_pool2d(x, (sh, sw))`` of a contiguous (N, C, H, W) map whose blocks tile it exactly.
-
-    Forward: a sum over the sh rows of each band, then over the sw columns of each block (one
-    pass over the map). Backward: the block gradients widened along W and broadcast over the rows
-    in one write. On CPU, ``avg_pool2d``'s backward (a zero-fill, a scatter and a clone of the
-    full map) took about half of the module's time.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
-        n, c, height, width = x.shape
-        ctx.block = (sh, sw)
-        band = x.view(n, c, height // sh, sh, width).sum(3)  # (n, c, rh, W)
-        return band.view(n, c, height // sh, width // sw, sw).sum(4).div_(sh * sw)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        sh, sw = ctx.block
-        n, c, rh, rw = grad.shape
-        banded = (grad / (sh * sw)).repeat_interleave(sw, dim=3)  # (n, c, rh, W)
-        full = banded.unsqueeze(3).expand(n, c, rh, sh, rw * sw)
-        return full.reshape(n, c, rh * sh, rw * sw), None, None
 
 
 def _global_branch(branch: ScaleBranch, pooled: torch.Tensor, positions: int) -> torch.Tensor:
@@ -287,47 +214,46 @@ class MSSAR(nn.Module):
         plan = grid_plan(height, width, self.scales, source.device, source.dtype)
         rh, rw = len(plan.rows.sizes), len(plan.cols.sizes)
         sh, sw = plan.rows.sizes[0], plan.cols.sizes[0]
-        small = height * width <= SMALL_MAP
-        if plan.uniform and source.is_contiguous() and small:
-            # Small maps: block means as one matrix product, (N*C, H*W) x (H*W, blocks).
-            blocks = _block_matrix(height, width, sh, sw, source.device, source.dtype)
-            c = source.shape[1]
-            refined = (source.reshape(n * c, height * width) @ blocks.t()).view(n, c, rh, rw)
-            refined = refined / (sh * sw)
-        elif plan.uniform and source.is_contiguous():
-            # One pass over the full source: mean of every refined block.
-            refined = _BlockMean.apply(source, sh, sw)
-        elif plan.uniform:
-            refined = F.avg_pool2d(source, (sh, sw))
+        nested = plan.uniform and all(rh % k == 0 and rw % k == 0 for k in self.scales)
+        if nested:
+            weigh = self._nested_weights
         else:
-            sums = source.new_zeros(n, source.shape[1], rh, width).index_add(
-                2, plan.row_segment, source
-            )
-            sums = sums.new_zeros(n, source.shape[1], rh, rw).index_add(3, plan.col_segment, sums)
-            area = torch.outer(
-                torch.tensor(plan.rows.sizes, dtype=sums.dtype, device=sums.device),
-                torch.tensor(plan.cols.sizes, dtype=sums.dtype, device=sums.device),
-            )
-            refined = sums / area
+            weigh = functools.partial(self._refined_weights, plan=plan)
 
-        if plan.uniform and all(rh % k == 0 and rw % k == 0 for k in self.scales):
-            weights = self._nested_weights(refined)
-        else:
-            weights = self._refined_weights(refined, plan)
+        if x.is_contiguous() and source.is_contiguous() and not torch.compiler.is_compiling():
+            # One autograd node for the pooling and the multiply (mssar_cli.fused_gate).
+            layout = None
+            if height * width <= MATRIX_MAP or (not plan.uniform and height * width <= SMALL_MAP):
+                layout = MatrixLayout(self.scales, height, width)
+            elif plan.uniform:
+                layout = BandLayout(self.scales, height, width, sh, sw)
+            if layout is not None:
+                own = None if source is x else source
+                return fused_gate(x, own, layout, self._branch_outputs, list(self.parameters()))
 
-        if plan.uniform and x.is_contiguous() and height * width <= TINY_MAP:
-            blocks = _block_matrix(height, width, sh, sw, x.device, x.dtype)
-            return _BlockScale.apply(x, weights.expand(n, d, rh, rw), blocks)
-        if plan.uniform and x.is_contiguous():
-            # No full-size weight map: the weights are widened along W only (1/sh of the map) and
-            # broadcast over the sh rows of each region band. Keeping W as the innermost, contiguous
-            # dimension of both operands is what makes this multiply (and its backward) as fast as
-            # SE's; a 6-D broadcast over (sh, sw) blocks is 2-3x slower on CPU.
-            banded = weights.expand(n, d, rh, rw).repeat_interleave(sw, dim=3)  # (n, d, rh, W)
-            out = x.reshape(n, d, rh, sh, width) * banded.unsqueeze(3)
-            return out.reshape(n, d, height, width)
-        full = weights.expand(n, d, rh, rw).index_select(2, plan.row_segment)
+        # Autograd composition: torch.compile (which fuses it), channels-last maps, and large maps
+        # whose refined grid is not uniform.
+        if plan.uniform:
+            weights = weigh(F.avg_pool2d(source, (sh, sw))).expand(n, d, rh, rw)
+            if x.is_contiguous():
+                # W-widened band multiply: no full-size weight map (see BandLayout)
+                banded = weights.repeat_interleave(sw, dim=3).unsqueeze(3)
+                return (x.view(n, d, rh, sh, width) * banded).view(n, d, height, width)
+            full = weights.repeat_interleave(sh, dim=2)
+            return x * full.repeat_interleave(sw, dim=3)
+        sums = source.new_zeros(n, source.shape[1], rh, width).index_add(2, plan.row_segment, source)
+        sums = sums.new_zeros(n, source.shape[1], rh, rw).index_add(3, plan.col_segment, sums)
+        area = torch.outer(
+            torch.tensor(plan.rows.sizes, dtype=sums.dtype, device=sums.device),
+            torch.tensor(plan.cols.sizes, dtype=sums.dtype, device=sums.device),
+        )
+        weights = weigh(sums / area).expand(n, d, rh, rw)
+        full = weights.index_select(2, plan.row_segment)
         return x * full.index_select(3, plan.col_segment)
+
+    def _branch_outputs(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Eq. 1 of every scale on its rows of region means (see :func:`fused_gate`)."""
+        return [branch(r) for branch, r in zip(self.branches, rows)]
 
     def _nested_weights(self, refined: torch.Tensor) -> torch.Tensor:
         """Mean over scales of the weights on an equal-block grid that every scale's regions nest in.

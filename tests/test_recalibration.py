@@ -27,7 +27,8 @@ from mssar_cli.recalibration import (
 
 SCALE_SETS = [(1,), (2,), (4,), (1, 2), (1, 4), (2, 4), (1, 2, 4), (1, 3)]
 SIZES = [(32, 32), (8, 8), (7, 7), (9, 13)]
-EQUIV_SIZES = [(32, 32), (16, 16), (14, 14), (8, 8), (7, 7), (9, 13)]  # 16, 8: matrix-product paths
+# 32, 16: BandLayout; 14, 8, 7, 9x13: MatrixLayout; 18x17: the autograd composition (non-uniform)
+EQUIV_SIZES = [(32, 32), (16, 16), (14, 14), (8, 8), (7, 7), (9, 13), (18, 17)]
 STRATEGIES = ["regional", "sliding"]
 CHANNELS, SOURCE_CHANNELS = 8, 12
 
@@ -358,6 +359,44 @@ def test_fast_equals_direct_without_source(strategy, size):
     for key in want:
         if not key.startswith("buffer:"):
             torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10, msg=key)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (8, 8), (7, 7)], ids=size_id)
+@pytest.mark.parametrize("needs", ["x", "source", "params", "x+params"])
+def test_fast_equals_direct_when_only_some_inputs_need_grad(size, needs):
+    """The fused gate returns exactly the gradients autograd asks for, and the right ones."""
+    torch.manual_seed(12)
+    fast = randomize_bn(MSSAR(CHANNELS, (1, 2, 4), source_channels=SOURCE_CHANNELS)).double()
+    direct = copy.deepcopy(fast)
+    direct.implementation = "direct"
+    x, source = make_inputs(4, CHANNELS, *size, source_channels=SOURCE_CHANNELS, dtype=torch.float64)
+    upstream = torch.randn_like(x)
+    results = []
+    for module in (fast, direct):
+        module.requires_grad_("params" in needs)
+        xx = x.clone().requires_grad_("x" in needs)
+        ss = source.clone().requires_grad_(needs == "source")
+        (module(xx, ss) * upstream).sum().backward()
+        results.append(
+            [xx.grad, ss.grad] + [p.grad for p in module.parameters()]
+        )
+    for got, want in zip(*results):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (8, 8), (7, 7), (18, 17)], ids=size_id)
+def test_fast_equals_direct_without_autograd(size):
+    torch.manual_seed(13)
+    fast = randomize_bn(MSSAR(CHANNELS, (1, 2, 4))).double().train()
+    direct = copy.deepcopy(fast)
+    direct.implementation = "direct"
+    x, _ = make_inputs(4, CHANNELS, *size, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), direct(x), rtol=1e-10, atol=1e-10)
+    for (name, got), want in zip(fast.named_buffers(), direct.buffers()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
 
 
 RUNNING_STATS_CASES = [

@@ -1,7 +1,8 @@
 """torchvision's residual blocks with a recalibration module (paper §3.4, Fig. 2 left).
 
 The module sits on the residual branch after its last BN, before the addition with the
-shortcut, which is also where SENet places SE. torchvision's ``ResNet._make_layer`` builds blocks
+shortcut, which is also where SENet places SE. The BN output it multiplies is rebuilt from the
+BN's input in backward instead of being kept (:mod:`mssar_cli.models.bn_recompute`). torchvision's ``ResNet._make_layer`` builds blocks
 with a fixed argument list, so the recalibration factory travels as a class attribute of a
 subclass made by :func:`with_recalibration`; the blocks keep torchvision's module names, so the
 rest of a torchvision ``state_dict`` loads unchanged.
@@ -14,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from mssar_cli.models.bn_recompute import recalibrate_bn_output
 
 RecalibrationFactory = Callable[[int], nn.Module | None]
 
@@ -31,9 +34,10 @@ class RecalibratedBasicBlock(BasicBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.recalibration is not None:
-            out = self.recalibration(out)
+        if self.recalibration is None:
+            out = self.bn2(self.conv2(out))
+        else:
+            out = recalibrate_bn_output(self.bn2, self.conv2(out), self.recalibration)
         return self.relu(out + identity)
 
 
@@ -51,9 +55,10 @@ class RecalibratedBottleneck(Bottleneck):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.recalibration is not None:
-            out = self.recalibration(out)
+        if self.recalibration is None:
+            out = self.bn3(self.conv3(out))
+        else:
+            out = recalibrate_bn_output(self.bn3, self.conv3(out), self.recalibration)
         return self.relu(out + identity)
 
 
