@@ -218,7 +218,7 @@ Layout = BandLayout | MatrixLayout
 
 def _split_rows(regions: torch.Tensor, scales: tuple[int, ...]) -> list[torch.Tensor]:
     """(N, C, sum K^2) -> per scale, the (N*K*K, C) rows its MLP takes (contiguous copies)."""
-    n, c, _ = regions.shape
+    c = regions.shape[1]
     parts = regions.split([k * k for k in scales], dim=2)
     return [part.transpose(1, 2).reshape(-1, c) for part in parts]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 import torchvision

@@ -12,7 +12,11 @@ import torch
 from torch import nn
 
 from mssar_cli.models import bn_recompute, create_model
-from mssar_cli.models.blocks import RecalibratedBasicBlock, RecalibratedBottleneck, with_recalibration
+from mssar_cli.models.blocks import (
+    RecalibratedBasicBlock,
+    RecalibratedBottleneck,
+    with_recalibration,
+)
 from mssar_cli.recalibration import MSSAR, SqueezeExcitation
 
 FACTORIES = {
