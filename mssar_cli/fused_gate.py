@@ -12,11 +12,11 @@ updated once) and differentiated with :func:`torch.autograd.grad` in backward.
 
 Two layouts of the regions (:meth:`mssar_cli.recalibration.MSSAR` chooses):
 
-* :class:`BandLayout`, maps larger than ``MATRIX_MAP``: an equal-block refined grid (``sh x sw``
-  blocks, e.g. 8 x 8 blocks of a 32 x 32 map for scales {1, 2, 4}); block sums over W-contiguous
-  bands, weights widened along W only and broadcast over the ``sh`` rows.
-* :class:`MatrixLayout`, maps of up to ``MATRIX_MAP`` positions, any partition (also 7 x 7 with
-  K = 4): the regions of every scale are the rows of a pooling matrix ``P`` (``1/area`` on the
+* :class:`BandLayout`, maps larger than ``MATRIX_MAP`` whose regions are unions of equal
+  ``sh x sw`` blocks (e.g. 8 x 8 blocks of a 32 x 32 map for scales {1, 2, 4}); block sums over
+  W-contiguous bands, weights widened along W only and broadcast over the ``sh`` rows.
+* :class:`MatrixLayout`, maps of up to ``MATRIX_MAP`` positions, and other partitions (7 x 7 or
+  14 x 14 with K = 4) of up to ``SMALL_MAP``: the regions of every scale are the rows of a pooling matrix ``P`` (``1/area`` on the
   region's positions) and of a spreading matrix ``S`` (``1/L`` on them), so the pooling, the
   mean over scales and the spread back to the map are each one matrix product.
 
@@ -27,7 +27,6 @@ freed by the first, like any non-retained graph).
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from functools import lru_cache
 
 import torch
 
-from mssar_cli.partition import region_bounds
+from mssar_cli.partition import region_of_index
 
 # Layout choice, measured inside a ResNet-56 training step on the project's 2-core CPU: maps of up
 # to MATRIX_MAP positions (8x8) use MatrixLayout, where strided reductions and broadcasts over
@@ -59,7 +58,7 @@ def _region_matrices(
     """Pooling ``P`` and spreading ``S`` matrices, (sum K^2, cells), regions of each scale in turn.
 
     The map is cut into cells of ``rows[i] x cols[j]`` positions (single positions, or the blocks
-    of a refined grid); every region of every scale is a union of cells, ``region_bounds`` apart.
+    of a refined grid); every region of every scale is a union of cells (:mod:`mssar_cli.partition`).
     Region (i, j)'s row of ``P`` weighs each of its cells by the cell's share of the region's
     area (so ``P`` applied to cell means gives region means); its row of ``S`` is 1/L on its
     cells (the mean over scales of the weights a cell receives).
@@ -69,9 +68,9 @@ def _region_matrices(
     area = torch.outer(torch.tensor(rows, dtype=torch.float64), torch.tensor(cols, dtype=torch.float64))
     members = []
     for k in scales:
-        rb, cb = region_bounds(row_cuts[-1], k), region_bounds(col_cuts[-1], k)
-        row_region = torch.tensor([bisect.bisect_right(rb, r) - 1 for r in row_cuts[:-1]])
-        col_region = torch.tensor([bisect.bisect_right(cb, c) - 1 for c in col_cuts[:-1]])
+        of_row, of_col = region_of_index(row_cuts[-1], k), region_of_index(col_cuts[-1], k)
+        row_region = torch.tensor([of_row[start] for start in row_cuts[:-1]])
+        col_region = torch.tensor([of_col[start] for start in col_cuts[:-1]])
         for i in range(k):
             for j in range(k):
                 members.append(torch.outer(row_region == i, col_region == j).flatten())
@@ -250,6 +249,11 @@ class _FusedGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
+        if ctx.graph is None:
+            raise RuntimeError(
+                "MSSAR's fused gate supports one backward pass per forward (retain_graph=True "
+                "does not keep its inner graph); use implementation='direct' for more"
+            )
         rows, outputs = ctx.graph
         layout, n = ctx.layout, x.shape[0]
         weights = _join_rows([z.detach() for z in outputs], n)

@@ -77,7 +77,8 @@ class ScaleBranch(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         # The hidden units as (1, D', rows): BN's statistics then reduce over a contiguous last
-        # dimension (on CPU about 4x faster than over the rows of a (rows, D') matrix).
+        # dimension (measured on CPU, 2048 rows: forward 3.7x, forward + backward 2.3x faster than
+        # over the rows of a (rows, D') matrix).
         hidden = (self.reduce.weight @ pooled.t()).unsqueeze(0)
         hidden = F.relu(self.bn(hidden)).squeeze(0)
         return torch.sigmoid(torch.addmm(self.expand.bias, hidden.t(), self.expand.weight.t()))
@@ -215,12 +216,6 @@ class MSSAR(nn.Module):
         plan = grid_plan(height, width, self.scales, source.device, source.dtype)
         rh, rw = len(plan.rows.sizes), len(plan.cols.sizes)
         sh, sw = plan.rows.sizes[0], plan.cols.sizes[0]
-        nested = plan.uniform and all(rh % k == 0 and rw % k == 0 for k in self.scales)
-        if nested:
-            weigh = self._nested_weights
-        else:
-            weigh = functools.partial(self._refined_weights, plan=plan)
-
         if x.is_contiguous() and source.is_contiguous() and not torch.compiler.is_compiling():
             # One autograd node for the pooling and the multiply (mssar_cli.fused_gate).
             layout = None
@@ -234,6 +229,10 @@ class MSSAR(nn.Module):
 
         # Autograd composition: torch.compile (which fuses it), channels-last maps, and large maps
         # whose refined grid is not uniform.
+        if plan.uniform and all(rh % k == 0 and rw % k == 0 for k in self.scales):
+            weigh = self._nested_weights
+        else:
+            weigh = functools.partial(self._refined_weights, plan=plan)
         if plan.uniform:
             weights = weigh(F.avg_pool2d(source, (sh, sw))).expand(n, d, rh, rw)
             if x.is_contiguous():

@@ -787,3 +787,12 @@ def test_fast_path_trains_under_bf16_autocast(size):
     out.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+def test_fused_gate_refuses_a_second_backward_clearly():
+    module = MSSAR(CHANNELS, (1, 2, 4)).train()
+    x = torch.randn(2, CHANNELS, 8, 8, requires_grad=True)
+    out = module(x).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+        out.backward()

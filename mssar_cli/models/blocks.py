@@ -2,9 +2,10 @@
 
 The module sits on the residual branch after its last BN, before the addition with the
 shortcut, which is also where SENet places SE. The BN output it multiplies is rebuilt from the
-BN's input in backward instead of being kept (:mod:`mssar_cli.models.bn_recompute`). torchvision's ``ResNet._make_layer`` builds blocks
-with a fixed argument list, so the recalibration factory travels as a class attribute of a
-subclass made by :func:`with_recalibration`; the blocks keep torchvision's module names, so the
+BN's input in backward instead of being kept (:mod:`mssar_cli.models.bn_recompute`).
+torchvision's ``ResNet._make_layer`` builds blocks with a fixed argument list, so the
+recalibration factory travels as a class attribute of a subclass made by
+:func:`with_recalibration`; the blocks keep torchvision's module names, so the
 rest of a torchvision ``state_dict`` loads unchanged.
 """
 

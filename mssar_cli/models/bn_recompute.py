@@ -27,6 +27,7 @@ class _Rebuild:
     scale: torch.Tensor  # a, (C,)
     shift: torch.Tensor  # b, (C,)
     dtype: torch.dtype
+    base_stride: tuple[int, ...]  # of bn(c) itself
     size: torch.Size  # of the saved view
     stride: tuple[int, ...]
     offset: int  # storage offset of the saved view relative to bn(c)'s
@@ -35,9 +36,9 @@ class _Rebuild:
         shape = (1, -1) + (1,) * (self.pre.dim() - 2)
         full = torch.addcmul(self.shift.view(shape), self.pre, self.scale.view(shape))
         full = full.to(self.dtype)
-        if full.stride() != self.pre.stride():
+        if full.stride() != self.base_stride:  # the saved view's strides refer to bn(c)'s layout
             full = torch.empty_strided(
-                self.pre.size(), self.pre.stride(), dtype=self.dtype, device=self.pre.device
+                self.pre.size(), self.base_stride, dtype=self.dtype, device=self.pre.device
             ).copy_(full)
         return full.as_strided(self.size, self.stride, self.offset)
 
@@ -80,11 +81,12 @@ def recalibrate_bn_output(
     # it lives. While ``out`` is alive no other tensor shares its storage, so a match is ``out`` or
     # a view of it.
     storage, dtype, base_offset = out.untyped_storage().data_ptr(), out.dtype, out.storage_offset()
+    base_stride = out.stride()
 
     def pack(t: torch.Tensor):
         if t.untyped_storage().data_ptr() == storage and t.dtype == dtype:
             offset = t.storage_offset() - base_offset
-            return _Rebuild(pre, scale, shift, dtype, t.size(), t.stride(), offset)
+            return _Rebuild(pre, scale, shift, dtype, base_stride, t.size(), t.stride(), offset)
         return t
 
     def unpack(packed):
