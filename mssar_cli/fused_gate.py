@@ -1,39 +1,52 @@
-"""The full-size work of a regional recalibration as one autograd node (paper §3.2, Eq. 2).
+"""A regional recalibration as one autograd node with a hand-written backward (paper §3.2, Eqs. 1-2).
 
 A regional MS-SAR touches the full ``(N, D, H, W)`` map only twice: it pools the source onto a
 few regions and multiplies ``x`` by the weights of those regions. Everything in between (every
 scale's MLP, BN and sigmoid, the mean over scales) runs on ``N x regions`` rows. Left to
-autograd, the two full-size steps cost five full-size passes in backward (two products, a
-materialised pooling gradient, the sum of ``x``'s two gradients and a reduction). Here they are
-one :class:`torch.autograd.Function` whose backward does two: one pass over ``grad * x`` for the
-weights' gradient, one ``addcmul`` that writes ``x``'s whole gradient (its multiply path plus its
-pooling path). The small graph in between is built once in forward (BN running statistics are
-updated once) and differentiated with :func:`torch.autograd.grad` in backward.
+autograd, the two full-size steps cost five full-size passes in backward and the small MLPs some
+sixty tiny autograd nodes. Here the whole module is one :class:`torch.autograd.Function`:
 
-Two layouts of the regions (:meth:`mssar_cli.recalibration.MSSAR` chooses):
+* the MLPs of all scales run side by side as block-diagonal products (:class:`_Stack`), with the
+  region means as rows ``(N, regions, C)`` so that every product is a plain matrix product;
+* backward differentiates them by hand (sigmoid, Ω2, ReLU, BN via
+  ``native_batch_norm_backward``, Ω1) and makes two full-size passes: ``grad * x`` reduced onto
+  the regions for the weights' gradient, then one pass that writes ``x``'s whole gradient (its
+  multiply path plus its pooling path) into the buffer of ``grad * x``;
+* it keeps ``x``, the region means and the hidden layer before and after BN (a third of the
+  means' width); the weights are recomputed in backward from the last (one small product).
+  When ``x`` is a BN output rebuilt for this backward alone (:mod:`mssar_cli.models.bn_recompute`)
+  ``grad * x`` is written into it.
+
+BN statistics and running averages are ``nn.BatchNorm1d``'s own (the same kernel,
+:mod:`mssar_cli.batchnorm`). Two layouts of the regions (:meth:`mssar_cli.recalibration.MSSAR`
+chooses):
 
 * :class:`BandLayout`, maps larger than ``MATRIX_MAP`` whose regions are unions of equal
   ``sh x sw`` blocks (e.g. 8 x 8 blocks of a 32 x 32 map for scales {1, 2, 4}); block sums over
-  W-contiguous bands, weights widened along W only and broadcast over the ``sh`` rows.
+  W-contiguous bands, weights spread onto ``sh x 1`` cells and broadcast over the ``sh`` rows.
 * :class:`MatrixLayout`, maps of up to ``MATRIX_MAP`` positions, and other partitions (7 x 7 or
-  14 x 14 with K = 4) of up to ``SMALL_MAP``: the regions of every scale are the rows of a pooling matrix ``P`` (``1/area`` on the
-  region's positions) and of a spreading matrix ``S`` (``1/L`` on them), so the pooling, the
-  mean over scales and the spread back to the map are each one matrix product.
+  14 x 14 with K = 4) of up to ``SMALL_MAP``: the regions of every scale are the rows of a
+  pooling matrix ``P`` (``1/area`` on the region's positions) and of a spreading matrix ``S``
+  (``1/L`` on them), so the pooling, the mean over scales and the spread back to the map are each
+  one (batched) matrix product.
 
-Measured on the project's 2-core CPU (ResNet-56 shapes, batch 128, README "Performance"). Not
-supported: double backward, and a second backward through the same graph (the small graph is
-freed by the first, like any non-retained graph).
+Measured on the project's 2-core CPU (ResNet-56 shapes, batch 128, README "Performance"). Double
+backward is not supported (``once_differentiable``); a second backward through a retained graph
+is.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
 
+from mssar_cli.batchnorm import batch_norm_with_statistics, is_disposable, uses_batch_statistics
 from mssar_cli.partition import region_of_index
 
 # Layout choice, measured inside a ResNet-56 training step on the project's 2-core CPU: maps of up
@@ -43,9 +56,6 @@ from mssar_cli.partition import region_of_index
 # and other maps of up to SMALL_MAP positions (7x7 or 14x14 with K = 4) use MatrixLayout.
 MATRIX_MAP = 64
 SMALL_MAP = 256
-
-Branches = Callable[[list[torch.Tensor]], list[torch.Tensor]]
-
 
 @lru_cache(maxsize=128)
 def _region_matrices(
@@ -91,9 +101,17 @@ def _block_sum(t: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
     return t
 
 
+def _product(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad * x``; written into ``x`` when ``x`` is a disposable rebuilt BN output (it is
+    needed for nothing else), which saves a full-size allocation."""
+    if is_disposable(x) and x.dtype == grad.dtype and x.is_contiguous():
+        return x.mul_(grad)
+    return grad * x
+
+
 @dataclass(frozen=True)
 class MatrixLayout:
-    """Cells are single positions: pooling and spreading are one matrix product each."""
+    """Cells are single positions: pooling and spreading are one (batched) product each."""
 
     scales: tuple[int, ...]
     height: int
@@ -106,45 +124,57 @@ class MatrixLayout:
     def pool(self, source: torch.Tensor) -> torch.Tensor:
         n, c = source.shape[:2]
         pool, _ = self._matrices(source)
-        return (source.reshape(n * c, -1) @ pool.t()).view(n, c, -1)
+        return torch.matmul(pool, source.view(n, c, -1).transpose(1, 2))
 
-    def _spread(self, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _spread(self, weights: torch.Tensor, like: torch.Tensor, out=None) -> torch.Tensor:
         n, d = like.shape[:2]
         _, spread = self._matrices(like)
-        return (weights.reshape(n * d, -1).to(spread.dtype) @ spread).view(like.shape)
+        weights = weights.transpose(1, 2).to(spread.dtype)
+        if out is None:
+            return torch.matmul(weights, spread).view(like.shape)
+        return torch.bmm(weights, spread.expand(n, -1, -1), out=out.view(n, d, -1)).view(like.shape)
 
     def scale(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return x * self._spread(weights, x)
+        return self._spread(weights, x).mul_(x)  # in place: one full-size allocation
 
-    def weight_grad(self, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def weight_grad(self, grad: torch.Tensor, x: torch.Tensor):
+        """The weights' gradient, and ``grad * x`` as scratch space for :meth:`input_grad`."""
         n, d = x.shape[:2]
-        _, spread = self._matrices(grad)
-        return ((grad * x).reshape(n * d, -1) @ spread.t()).view(n, d, -1)
+        product = _product(grad, x)
+        _, spread = self._matrices(product)
+        return torch.matmul(spread, product.view(n, d, -1).transpose(1, 2)), product
 
     def input_grad(
-        self, grad: torch.Tensor, weights: torch.Tensor, pooled_grad: torch.Tensor | None
+        self,
+        grad: torch.Tensor,
+        weights: torch.Tensor,
+        pooled_grad: torch.Tensor | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """grad * weights, plus the pooling's gradient when ``x`` is its own source."""
-        spread = self._spread(weights, grad)
-        if pooled_grad is None:
-            return grad * spread
-        return torch.addcmul(self.source_grad(pooled_grad, grad.shape, grad), grad, spread)
+        """grad * weights, plus the pooling's gradient when ``x`` is its own source (into ``out``)."""
+        out = self._spread(weights, grad, out).mul_(grad)
+        if pooled_grad is not None:
+            n, c = grad.shape[:2]
+            pool, _ = self._matrices(grad)
+            pooled_grad = pooled_grad.transpose(1, 2).to(pool.dtype)
+            out.view(n, c, -1).baddbmm_(pooled_grad, pool.expand(n, -1, -1))
+        return out
 
     def source_grad(
         self, pooled_grad: torch.Tensor, shape: torch.Size, like: torch.Tensor
     ) -> torch.Tensor:
-        n, c = shape[:2]
         pool, _ = self._matrices(like)
-        return (pooled_grad.reshape(n * c, -1).to(pool.dtype) @ pool).view(shape)
+        return torch.matmul(pooled_grad.transpose(1, 2).to(pool.dtype), pool).view(shape)
 
 
 @dataclass(frozen=True)
 class BandLayout:
     """Cells are equal ``sh x sw`` blocks, handled as W-contiguous bands of ``sh`` rows.
 
-    Block sums reduce over the ``sh`` rows of a band, then over ``sw`` columns; block values are
-    widened along W only (1/sh of the map) and broadcast over the band's rows, which keeps W the
-    innermost, contiguous dimension of every full-size operand.
+    Block sums reduce over the ``sh`` rows of a band, then over ``sw`` columns. Values that go back
+    to the map are spread onto ``sh x 1`` cells (one band, one column: ``wide`` matrices), a
+    tensor 1/sh of the map that broadcasts over the band's rows, which keeps W the innermost,
+    contiguous dimension of every full-size operand.
     """
 
     scales: tuple[int, ...]
@@ -157,137 +187,241 @@ class BandLayout:
         rows, cols = (self.sh,) * (self.height // self.sh), (self.sw,) * (self.width // self.sw)
         return _region_matrices(rows, cols, self.scales, like.device, like.dtype)
 
+    def _wide_matrices(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = (self.sh,) * (self.height // self.sh), (1,) * self.width
+        return _region_matrices(rows, cols, self.scales, like.device, like.dtype)
+
     def _bands(self, t: torch.Tensor) -> torch.Tensor:
         n, c = t.shape[:2]
         return t.view(n, c, self.height // self.sh, self.sh, self.width)
 
-    def _band(self, cells: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """(N*C, cells) values as (N, C, H/sh, 1, W): widened along W, broadcast over sh rows."""
-        n, c = shape[:2]
-        cells = cells.view(n, c, self.height // self.sh, self.width // self.sw)
-        wide = cells if self.sw == 1 else cells.repeat_interleave(self.sw, dim=3)
-        return wide.unsqueeze(3)
+    def _band(self, wide: torch.Tensor) -> torch.Tensor:
+        """(N, C, H/sh * W) values of ``sh x 1`` cells as (N, C, H/sh, 1, W)."""
+        n, c = wide.shape[:2]
+        return wide.view(n, c, self.height // self.sh, 1, self.width)
 
     def pool(self, source: torch.Tensor) -> torch.Tensor:
-        n, c = source.shape[:2]
         pool, _ = self._matrices(source)
-        cells = _block_sum(source, self.sh, self.sw).reshape(n * c, -1) / (self.sh * self.sw)
-        return (cells @ pool.t()).view(n, c, -1)
+        n, c = source.shape[:2]
+        cells = _block_sum(source, self.sh, self.sw).view(n, c, -1) / (self.sh * self.sw)
+        return torch.matmul(pool, cells.transpose(1, 2))
 
-    def _cell_weights(self, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        n, d = like.shape[:2]
-        _, spread = self._matrices(like)
-        return weights.reshape(n * d, -1).to(spread.dtype) @ spread
+    def _spread(self, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        _, spread = self._wide_matrices(like)
+        return self._band(torch.matmul(weights.transpose(1, 2).to(spread.dtype), spread))
 
     def scale(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return (self._bands(x) * self._band(self._cell_weights(weights, x), x.shape)).view(x.shape)
+        return (self._bands(x) * self._spread(weights, x)).view(x.shape)
 
-    def weight_grad(self, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def weight_grad(self, grad: torch.Tensor, x: torch.Tensor):
+        """The weights' gradient, and ``grad * x`` as scratch space for :meth:`input_grad`."""
         n, d = x.shape[:2]
-        _, spread = self._matrices(grad)
-        cells = _block_sum(grad * x, self.sh, self.sw).reshape(n * d, -1)
-        return (cells @ spread.t()).view(n, d, -1)
+        product = _product(grad, x)
+        cells = _block_sum(product, self.sh, self.sw).view(n, d, -1)
+        _, spread = self._matrices(cells)
+        return torch.matmul(spread, cells.transpose(1, 2)), product
 
-    def _mean_grad(self, pooled_grad: torch.Tensor, shape: torch.Size, like: torch.Tensor):
-        n, c = shape[:2]
-        pool, _ = self._matrices(like)
-        cells = pooled_grad.reshape(n * c, -1).to(pool.dtype) @ pool
-        return self._band(cells / (self.sh * self.sw), shape)
+    def _mean_grad(self, pooled_grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Gradient of the region means with respect to every position, as (N, C, H/sh, 1, W)."""
+        pool, _ = self._wide_matrices(like)  # an sh x 1 cell's share of its region, over sh
+        return self._band(torch.matmul(pooled_grad.transpose(1, 2).to(pool.dtype), pool / self.sh))
 
     def input_grad(
-        self, grad: torch.Tensor, weights: torch.Tensor, pooled_grad: torch.Tensor | None
+        self,
+        grad: torch.Tensor,
+        weights: torch.Tensor,
+        pooled_grad: torch.Tensor | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """grad * weights, plus the pooling's gradient when ``x`` is its own source."""
-        spread = self._band(self._cell_weights(weights, grad), grad.shape)
+        """grad * weights, plus the pooling's gradient when ``x`` is its own source (into ``out``)."""
+        spread = self._spread(weights, grad)
+        bands = self._bands(grad)
+        out = None if out is None else self._bands(out)
         if pooled_grad is None:
-            return (self._bands(grad) * spread).view(grad.shape)
-        mean_grad = self._mean_grad(pooled_grad, grad.shape, grad)
-        return torch.addcmul(mean_grad, self._bands(grad), spread).view(grad.shape)
+            result = torch.mul(bands, spread, out=out)
+        else:
+            result = torch.addcmul(self._mean_grad(pooled_grad, grad), bands, spread, out=out)
+        return result.view(grad.shape)
 
     def source_grad(
         self, pooled_grad: torch.Tensor, shape: torch.Size, like: torch.Tensor
     ) -> torch.Tensor:
         n, c = shape[:2]
-        mean_grad = self._mean_grad(pooled_grad, shape, like)
+        mean_grad = self._mean_grad(pooled_grad, like)
         return mean_grad.expand(n, c, self.height // self.sh, self.sh, self.width).reshape(shape)
 
 
 Layout = BandLayout | MatrixLayout
 
 
-def _split_rows(regions: torch.Tensor, scales: tuple[int, ...]) -> list[torch.Tensor]:
-    """(N, C, sum K^2) -> per scale, the (N*K*K, C) rows its MLP takes (contiguous copies)."""
-    c = regions.shape[1]
-    parts = regions.split([k * k for k in scales], dim=2)
-    return [part.transpose(1, 2).reshape(-1, c) for part in parts]
+@dataclass(frozen=True)
+class _Stack:
+    """Every scale's MLP (Eq. 1) side by side, as block-diagonal products over the regions.
+
+    The regions' means are rows, ``(N, regions, C)``. ``hidden = rows @ reduce.T`` computes every
+    scale's Ω1 on every region; only scale ``s``'s block (its K x K regions, its D' hidden units)
+    is normalised and kept, the rest of ``active`` stays zero, so ``active @ expand.T`` (the Ω2 of
+    all scales side by side) gives each region exactly its own scale's Ω2 · relu(BN(Ω1 · y)).
+    The wasted products are on a few rows per sample; in return each layer is one product for all
+    scales.
+    """
+
+    reduce: torch.Tensor  # (L*D', C_source): Ω1 of every scale, stacked
+    expand: torch.Tensor  # (D, L*D'): Ω2 of every scale, side by side
+    bias: torch.Tensor  # (regions, D): b2 of each region's scale
+    bns: tuple[nn.BatchNorm1d, ...]
+    region_rows: tuple[slice, ...]  # per scale, its K*K regions
+    hidden_cols: tuple[slice, ...]  # per scale, its D' hidden units
+
+    def blocks(self):
+        """(bn, index of its block in (N, regions, L*D') tensors) of every scale."""
+        return [
+            (bn, (slice(None), rows, cols))
+            for bn, rows, cols in zip(self.bns, self.region_rows, self.hidden_cols)
+        ]
 
 
-def _join_rows(rows: Sequence[torch.Tensor], n: int) -> torch.Tensor:
-    """The inverse of :func:`_split_rows`: per-scale (N*K*K, C) rows -> (N, C, sum K^2)."""
-    return torch.cat([r.view(n, -1, r.shape[1]) for r in rows], 1).transpose(1, 2)
+def _stack(branches: Sequence[nn.Module], scales: Sequence[int], dtype: torch.dtype) -> _Stack:
+    width = branches[0].reduce.weight.shape[0]
+    region_rows, hidden_cols, start = [], [], 0
+    for i, k in enumerate(scales):
+        region_rows.append(slice(start, start + k * k))
+        hidden_cols.append(slice(i * width, (i + 1) * width))
+        start += k * k
+    bias = torch.cat([b.expand.bias.expand(k * k, -1) for b, k in zip(branches, scales)])
+    return _Stack(
+        reduce=torch.cat([b.reduce.weight for b in branches]).to(dtype),
+        expand=torch.cat([b.expand.weight for b in branches], 1).to(dtype),
+        bias=bias.to(dtype),
+        bns=tuple(b.bn for b in branches),
+        region_rows=tuple(region_rows),
+        hidden_cols=tuple(hidden_cols),
+    )
+
+
+def _branch_params(branches: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """Every scale's parameters, in the order :meth:`_FusedGate.backward` returns their gradients."""
+    return [
+        p
+        for b in branches
+        for p in (b.reduce.weight, b.bn.weight, b.bn.bias, b.expand.weight, b.expand.bias)
+    ]
+
+
+def supports(branches: Sequence[nn.Module]) -> bool:
+    """Whether the fused gate can differentiate these branches by hand: plain affine BatchNorm1d
+    (a SyncBatchNorm, or BN without affine parameters, takes the autograd path)."""
+    return all(type(b.bn) is nn.BatchNorm1d and b.bn.affine for b in branches)
+
+
+def _weights(stack: _Stack, active: torch.Tensor) -> torch.Tensor:
+    """sigmoid(Ω2 · active + b2) of every region, (N, regions, D)."""
+    n, r, _ = active.shape
+    logits = (active.view(n * r, -1) @ stack.expand.t()).view(n, r, -1)
+    return logits.add_(stack.bias).sigmoid_()
+
+
+def _mlp_forward(stack: _Stack, rows: torch.Tensor):
+    """Eq. 1 of every scale on its regions' means, rows (N, regions, C_source).
+
+    Returns the weights (N, regions, D), the hidden layer before BN and after BN + ReLU (both
+    (N, regions, L*D'), zero outside each scale's block) and per scale the statistics BN used.
+    BN updates its running statistics as ``nn.BatchNorm1d`` does (once per forward).
+    """
+    n, r, c = rows.shape
+    hidden = (rows.view(n * r, c) @ stack.reduce.t()).view(n, r, -1)
+    active = torch.zeros_like(hidden)
+    stats = []
+    for bn, block in stack.blocks():  # BN's channels are the hidden units: (N, D', K*K) views
+        normalised, mean, invstd = batch_norm_with_statistics(bn, hidden[block].transpose(1, 2))
+        active[block] = normalised.relu_().transpose(1, 2)
+        running = None
+        if not uses_batch_statistics(bn):  # evaluation-mode BN: backward needs these values
+            running = (bn.running_mean.clone(), bn.running_var.clone())
+        stats.append((mean, invstd, running))
+    return _weights(stack, active), hidden, active, stats
+
+
+def _mlp_backward(stack, rows, hidden, active, stats, weights, grad_weights, need_rows):
+    """Gradients of Eq. 1 by hand: the rows' (or None) and, per scale, Ω1, γ, β, Ω2, b2's."""
+    n, r, c = rows.shape
+    grad_logits = torch.ops.aten.sigmoid_backward(grad_weights, weights)
+    flat_logits, flat_active = grad_logits.view(n * r, -1), active.view(n * r, -1)
+    grad_bias = grad_logits.sum(0)
+    grad_expand = flat_logits.t() @ flat_active
+    grad_active = (flat_logits @ stack.expand).view(n, r, -1)
+    grad_hidden = torch.zeros_like(hidden)
+    grad_bn = []
+    for (bn, block), (mean, invstd, running) in zip(stack.blocks(), stats):
+        grad_normalised = torch.ops.aten.threshold_backward(grad_active[block], active[block], 0)
+        running_mean, running_var = running if running is not None else (None, None)
+        grad_block, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            grad_normalised.transpose(1, 2), hidden[block].transpose(1, 2), bn.weight,
+            running_mean, running_var, mean, invstd, running is None, bn.eps, [True, True, True],
+        )
+        grad_hidden[block] = grad_block.transpose(1, 2)
+        grad_bn.append((grad_gamma, grad_beta))
+    flat_hidden = grad_hidden.view(n * r, -1)
+    grad_reduce = flat_hidden.t() @ rows.view(n * r, c)
+    grad_rows = (flat_hidden @ stack.reduce).view(n, r, c) if need_rows else None
+    per_scale = []
+    for rows_of, cols, (grad_gamma, grad_beta) in zip(stack.region_rows, stack.hidden_cols, grad_bn):
+        per_scale += [
+            grad_reduce[cols], grad_gamma, grad_beta, grad_expand[:, cols], grad_bias[rows_of].sum(0)
+        ]
+    return grad_rows, per_scale
 
 
 class _FusedGate(torch.autograd.Function):
-    """``x * spread(branches(pool(source)))``; backward as in the module docstring."""
+    """``x * spread(mlps(pool(source)))``; backward as in the module docstring."""
 
     @staticmethod
     def forward(ctx, x, source, layout, branches, *params):
-        n = x.shape[0]
         own = source is None
-        source_needs = ctx.needs_input_grad[0 if own else 1]
-        rows = _split_rows(layout.pool(x if own else source), layout.scales)
-        with torch.enable_grad():
-            rows = [r.requires_grad_(source_needs) for r in rows]
-            outputs = branches(rows)
-        weights = _join_rows([z.detach() for z in outputs], n)
-        ctx.layout, ctx.graph, ctx.params = layout, (rows, outputs), params
-        ctx.own, ctx.source_needs = own, source_needs
+        with torch.autocast(x.device.type, enabled=False):  # the map's dtype, fp32 MLPs
+            regions = layout.pool(x if own else source)
+            dtype = torch.promote_types(regions.dtype, params[0].dtype)
+            stack = _stack(branches, layout.scales, dtype)
+            regions = regions.to(dtype)
+            weights, hidden, active, stats = _mlp_forward(stack, regions)
+            out = layout.scale(x, weights)  # the weights are rebuilt in backward from ``active``
+        ctx.save_for_backward(x, regions, hidden, active)
+        ctx.layout, ctx.stack, ctx.stats, ctx.own = layout, stack, stats, own
         ctx.source_meta = None if own else (source.shape, source.dtype)
-        ctx.save_for_backward(x)  # the weights are not saved: the graph's outputs hold them
-        return layout.scale(x, weights)
+        return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        if ctx.graph is None:
-            raise RuntimeError(
-                "MSSAR's fused gate supports one backward pass per forward (retain_graph=True "
-                "does not keep its inner graph); use implementation='direct' for more"
-            )
-        rows, outputs = ctx.graph
-        layout, n = ctx.layout, x.shape[0]
-        weights = _join_rows([z.detach() for z in outputs], n)
+        x, regions, hidden, active = ctx.saved_tensors
+        layout, stack = ctx.layout, ctx.stack
         grad = grad.contiguous()
+        weights = _weights(stack, active)
+        source_needs = ctx.needs_input_grad[0 if ctx.own else 1]
         param_needs = ctx.needs_input_grad[4:]
-        wanted = [p for p, needed in zip(ctx.params, param_needs) if needed]
-        inputs = (list(rows) if ctx.source_needs else []) + wanted
-        grads: list[torch.Tensor | None] = []
-        if inputs:
-            weight_grad = _split_rows(layout.weight_grad(grad, x), layout.scales)
-            weight_grad = [g.to(z.dtype) for g, z in zip(weight_grad, outputs)]
-            grads = list(torch.autograd.grad(outputs, inputs, weight_grad, allow_unused=True))
-        ctx.graph = ctx.params = None
-        pooled_grad = None
-        if ctx.source_needs:
-            pooled_grad = _join_rows(grads[: len(rows)], n)
-            grads = grads[len(rows) :]
+        grad_regions, param_grads = None, [None] * len(param_needs)
+        scratch = None  # a full-size buffer backward no longer needs (``grad * x``)
+        if source_needs or any(param_needs):
+            grad_weights, scratch = layout.weight_grad(grad, x)
+            grad_regions, param_grads = _mlp_backward(
+                stack, regions, hidden, active, ctx.stats, weights,
+                grad_weights.to(weights.dtype), source_needs,
+            )
+            if scratch.dtype != grad.dtype:
+                scratch = None
         grad_x = grad_source = None
-        if ctx.own:
-            if ctx.needs_input_grad[0]:
-                grad_x = layout.input_grad(grad, weights, pooled_grad).to(x.dtype)
-        else:
-            if ctx.needs_input_grad[0]:
-                grad_x = layout.input_grad(grad, weights, None).to(x.dtype)
-            if pooled_grad is not None:
-                shape, dtype = ctx.source_meta
-                grad_source = layout.source_grad(pooled_grad, shape, grad).to(dtype)
-        param_grads = iter(grads)
+        if ctx.needs_input_grad[0]:
+            pooled_grad = grad_regions if ctx.own else None
+            grad_x = layout.input_grad(grad, weights, pooled_grad, scratch).to(x.dtype)
+        if not ctx.own and grad_regions is not None:
+            shape, dtype = ctx.source_meta
+            grad_source = layout.source_grad(grad_regions, shape, grad).to(dtype)
         return (
             grad_x,
             grad_source,
             None,
             None,
-            *(next(param_grads) if needed else None for needed in param_needs),
+            *(g if needed else None for g, needed in zip(param_grads, param_needs)),
         )
 
 
@@ -295,22 +429,24 @@ def fused_gate(
     x: torch.Tensor,
     source: torch.Tensor | None,
     layout: Layout,
-    branches: Branches,
-    params: Sequence[torch.Tensor],
+    branches: Sequence[nn.Module],
 ) -> torch.Tensor:
-    """``x`` times the mean over scales of ``branches``' weights on their regions of ``source``.
+    """``x`` times the mean over scales of the branches' weights on their regions of ``source``.
 
-    ``branches`` maps the per-scale (N*K*K, C) rows of region means to per-scale (N*K*K, D)
-    weights; ``params`` are the tensors they use. ``source`` None means ``x`` is its own source.
-    Outside autograd (nothing needs a gradient) it runs the same steps without a graph.
+    ``branches`` are the scales' :class:`~mssar_cli.recalibration.ScaleBranch` modules, in the
+    order of ``layout.scales`` (:func:`supports` must hold); ``source`` None means ``x`` is its
+    own source. Outside autograd (nothing needs a gradient) it runs the same steps without a node.
     """
+    params = _branch_params(branches)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad
         or (source is not None and source.requires_grad)
         or any(p.requires_grad for p in params)
     )
     if not needs_grad:
-        regions = layout.pool(x if source is None else source)
-        outputs = branches(_split_rows(regions, layout.scales))
-        return layout.scale(x, _join_rows(outputs, x.shape[0]))
+        with torch.autocast(x.device.type, enabled=False):
+            regions = layout.pool(x if source is None else source)
+            dtype = torch.promote_types(regions.dtype, params[0].dtype)
+            weights = _mlp_forward(_stack(branches, layout.scales, dtype), regions.to(dtype))[0]
+            return layout.scale(x, weights)
     return _FusedGate.apply(x, source, layout, branches, *params)

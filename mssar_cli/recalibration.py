@@ -8,10 +8,10 @@ layer's whole input.
 ``MSSAR(implementation="fast")`` (the default) pools the source once onto the regions of every
 scale, runs every scale's MLP on its K x K pooled positions as matrix products, and multiplies
 the full map once by the mean over scales of the weights, without materialising a full-size
-weight map per scale. In training, the pooling and the multiply are one autograd node
-(:mod:`mssar_cli.fused_gate`) whose backward makes two passes over the map; maps it does not
-cover (channels-last, large non-uniform partitions, ``torch.compile``) use the same steps as
-plain autograd operations.
+weight map per scale. The whole module is one autograd node (:mod:`mssar_cli.fused_gate`) whose
+backward is written by hand and makes two passes over the map; what it does not cover
+(channels-last maps, large non-uniform partitions, ``torch.compile``, a SyncBatchNorm in the
+MLPs) uses the same steps as plain autograd operations.
 ``implementation="direct"`` is the textbook version of Fig. 2 (a pooling, two 1 x 1
 convolutions, a BN and an upsampled full-size weight map per scale, then their mean): it shares
 the parameters, is the oracle of the tests and the reference of the benchmarks.
@@ -28,7 +28,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from mssar_cli.batchnorm import momentum_factor
 from mssar_cli.fused_gate import MATRIX_MAP, SMALL_MAP, BandLayout, MatrixLayout, fused_gate
+from mssar_cli.fused_gate import supports as fused_gate_supports
 from mssar_cli.partition import grid_plan, region_bounds
 
 STRATEGIES = ("regional", "sliding")
@@ -108,8 +110,7 @@ def _global_branch(branch: ScaleBranch, pooled: torch.Tensor, positions: int) ->
     hidden = branch.reduce(pooled)
     normalised = F.batch_norm(hidden, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
     with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        factor = momentum_factor(bn)
         count = hidden.shape[0] * positions
         var = hidden.var(0, unbiased=False) * (count / max(count - 1, 1))
         bn.running_mean.lerp_(hidden.mean(0).to(bn.running_mean.dtype), factor)
@@ -216,7 +217,12 @@ class MSSAR(nn.Module):
         plan = grid_plan(height, width, self.scales, source.device, source.dtype)
         rh, rw = len(plan.rows.sizes), len(plan.cols.sizes)
         sh, sw = plan.rows.sizes[0], plan.cols.sizes[0]
-        if x.is_contiguous() and source.is_contiguous() and not torch.compiler.is_compiling():
+        if (
+            x.is_contiguous()
+            and source.is_contiguous()
+            and not torch.compiler.is_compiling()
+            and fused_gate_supports(self.branches)
+        ):
             # One autograd node for the pooling and the multiply (mssar_cli.fused_gate).
             layout = None
             if height * width <= MATRIX_MAP or (not plan.uniform and height * width <= SMALL_MAP):
@@ -225,7 +231,7 @@ class MSSAR(nn.Module):
                 layout = BandLayout(self.scales, height, width, sh, sw)
             if layout is not None:
                 own = None if source is x else source
-                return fused_gate(x, own, layout, self._branch_outputs, list(self.parameters()))
+                return fused_gate(x, own, layout, self.branches)
 
         # Autograd composition: torch.compile (which fuses it), channels-last maps, and large maps
         # whose refined grid is not uniform.
@@ -250,10 +256,6 @@ class MSSAR(nn.Module):
         weights = weigh(sums / area).expand(n, d, rh, rw)
         full = weights.index_select(2, plan.row_segment)
         return x * full.index_select(3, plan.col_segment)
-
-    def _branch_outputs(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Eq. 1 of every scale on its rows of region means (see :func:`fused_gate`)."""
-        return [branch(r) for branch, r in zip(self.branches, rows)]
 
     def _nested_weights(self, refined: torch.Tensor) -> torch.Tensor:
         """Mean over scales of the weights on an equal-block grid that every scale's regions nest in.

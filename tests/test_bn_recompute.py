@@ -90,14 +90,14 @@ def test_momentum_none_uses_the_cumulative_average():
 def test_the_bn_output_is_not_kept_for_backward(factory, monkeypatch):
     """The point of the rebuild: after the forward pass no BN output of a block is alive."""
     outputs: list[weakref.ref] = []
-    original = bn_recompute._batch_norm_with_statistics
+    original = bn_recompute.batch_norm_with_statistics
 
     def spy(bn, pre):
         result = original(bn, pre)
         outputs.append(weakref.ref(result[0]))
         return result
 
-    monkeypatch.setattr(bn_recompute, "_batch_norm_with_statistics", spy)
+    monkeypatch.setattr(bn_recompute, "batch_norm_with_statistics", spy)
     options = {"implementation": "direct"} if factory == "mssar-direct" else {}
     model = create_model("resnet20", recalibration=factory.split("-")[0], **options).train()
     loss = model(torch.randn(4, 3, 32, 32)).sum()
@@ -110,7 +110,7 @@ def test_the_bn_output_is_not_kept_for_backward(factory, monkeypatch):
 def test_falls_back_outside_training():
     block = make_block("basic", "mssar").eval()
     calls = []
-    original = bn_recompute._batch_norm_with_statistics
+    original = bn_recompute.batch_norm_with_statistics
     bn_recompute._batch_norm_with_statistics = lambda bn, pre: calls.append(1) or original(bn, pre)
     try:
         x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
@@ -121,3 +121,35 @@ def test_falls_back_outside_training():
     finally:
         bn_recompute._batch_norm_with_statistics = original
     assert calls == []
+
+
+@pytest.mark.parametrize("size", [8, 16], ids=lambda s: f"{s}x{s}")
+def test_fused_gate_writes_into_the_rebuilt_bn_output(size, monkeypatch):
+    """The rebuilt BN output is private to the fused gate's backward, which reuses its buffer
+    for grad * x (mssar_cli.batchnorm.is_disposable); gradients stay the plain composition's."""
+    import mssar_cli.fused_gate as fused_gate
+
+    seen = []
+    original = fused_gate.is_disposable
+    monkeypatch.setattr(fused_gate, "is_disposable", lambda t: seen.append(original(t)) or seen[-1])
+    block = make_block("basic", "mssar")
+    reference = copy.deepcopy(block)
+    x = torch.randn(4, 16, size, size, dtype=torch.float64)
+    upstream = torch.randn(4, 16, size, size, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (block(xa) * upstream).sum().backward()
+    (plain_forward(reference, xb) * upstream).sum().backward()
+    assert seen == [True, False]  # the block, then the reference without the rebuild
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-10)
+    for (name, p), q in zip(block.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_an_ordinary_tensor_is_not_disposable():
+    from mssar_cli.batchnorm import is_disposable, mark_disposable
+
+    t = torch.randn(3)
+    assert not is_disposable(t) and not is_disposable(t.view(3))
+    mark_disposable(t)
+    assert is_disposable(t) and is_disposable(t.view(3))  # the mark is on the storage
+    assert not is_disposable(t.clone())

@@ -789,10 +789,46 @@ def test_fast_path_trains_under_bf16_autocast(size):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
 
 
-def test_fused_gate_refuses_a_second_backward_clearly():
+@pytest.mark.parametrize("size", [8, 32], ids=lambda s: f"{s}x{s}")
+def test_fused_gate_backpropagates_twice_through_a_retained_graph(size):
+    """The fused gate keeps what its backward needs as saved tensors: retain_graph works."""
+    torch.manual_seed(5)
+    module = MSSAR(CHANNELS, (1, 2, 4)).train()
+    x = torch.randn(2, CHANNELS, size, size, requires_grad=True)
+    out = (module(x) ** 2).sum()
+    out.backward(retain_graph=True)
+    once = [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+    out.backward()
+    twice = [x.grad] + [p.grad for p in module.parameters()]
+    for a, b in zip(once, twice):
+        torch.testing.assert_close(b, 2 * a)
+
+
+def test_fused_gate_refuses_double_backward_clearly():
     module = MSSAR(CHANNELS, (1, 2, 4)).train()
     x = torch.randn(2, CHANNELS, 8, 8, requires_grad=True)
-    out = module(x).sum()
-    out.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="one backward pass per forward"):
-        out.backward()
+    (grad,) = torch.autograd.grad(module(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("size", [(8, 8), (32, 32)], ids=size_id)
+def test_branches_the_fused_gate_cannot_differentiate_take_the_autograd_path(size, monkeypatch):
+    """A BN without affine parameters (or a SyncBatchNorm) is not differentiated by hand: the
+    module falls back to autograd and still equals the direct implementation."""
+    import mssar_cli.recalibration as recalibration
+
+    torch.manual_seed(4)
+    fast = MSSAR(CHANNELS, (1, 2, 4)).double().train()
+    for branch in fast.branches:
+        branch.bn = nn.BatchNorm1d(branch.bn.num_features, affine=False).double()
+    direct = copy.deepcopy(fast)
+    direct.implementation = "direct"
+    called = []
+    monkeypatch.setattr(recalibration, "fused_gate", lambda *a: called.append(a))
+    x, _ = make_inputs(4, CHANNELS, *size, dtype=torch.float64)
+    upstream = torch.randn(x.shape, dtype=torch.float64)
+    got, want = forward_backward(fast, x, None, upstream), forward_backward(direct, x, None, upstream)
+    assert not called
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10, msg=key)

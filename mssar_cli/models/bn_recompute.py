@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mssar_cli.batchnorm import batch_norm_with_statistics, mark_disposable
+
 
 @dataclass(frozen=True)
 class _Rebuild:
@@ -40,19 +42,8 @@ class _Rebuild:
             full = torch.empty_strided(
                 self.pre.size(), self.base_stride, dtype=self.dtype, device=self.pre.device
             ).copy_(full)
-        return full.as_strided(self.size, self.stride, self.offset)
-
-
-def _batch_norm_with_statistics(bn: nn.BatchNorm2d, pre: torch.Tensor):
-    """``bn(pre)`` in training mode, with the batch mean and 1/sigma it used."""
-    factor = bn.momentum
-    if bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        if factor is None:  # cumulative moving average, as nn.BatchNorm2d does
-            factor = 1.0 / float(bn.num_batches_tracked)
-    return torch.native_batch_norm(
-        pre, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, factor or 0.0, bn.eps
-    )
+        # a fresh tensor per unpack, seen only by the one backward that unpacked it
+        return mark_disposable(full.as_strided(self.size, self.stride, self.offset))
 
 
 def recalibrate_bn_output(
@@ -73,7 +64,7 @@ def recalibrate_bn_output(
         and pre.dim() == 4
     ):
         return recalibration(bn(pre))
-    out, mean, invstd = _batch_norm_with_statistics(bn, pre)
+    out, mean, invstd = batch_norm_with_statistics(bn, pre)
     with torch.no_grad():
         scale = bn.weight * invstd
         shift = bn.bias - mean * scale
