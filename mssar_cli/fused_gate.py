@@ -342,10 +342,24 @@ def _mlp_forward(stack: _Stack, rows: torch.Tensor):
     return _weights(stack, active), hidden, active, stats
 
 
-def _mlp_backward(stack, rows, hidden, active, stats, weights, grad_weights, need_rows):
-    """Gradients of Eq. 1 by hand: the rows' (or None) and, per scale, Ω1, γ, β, Ω2, b2's."""
+def _mlp_backward(
+    stack: _Stack,
+    rows: torch.Tensor,
+    hidden: torch.Tensor,
+    active: torch.Tensor,
+    stats: list,
+    weights: torch.Tensor,
+    grad_weights: torch.Tensor,
+    need_rows: bool,
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """Gradients of Eq. 1 by hand: the rows' (or None) and, per scale, Ω1, γ, β, Ω2, b2's.
+
+    ``grad_weights`` is overwritten.
+    """
     n, r, c = rows.shape
-    grad_logits = torch.ops.aten.sigmoid_backward(grad_weights, weights)
+    grad_logits = torch.ops.aten.sigmoid_backward.grad_input(  # in place: ours to overwrite
+        grad_weights, weights, grad_input=grad_weights
+    )
     flat_logits, flat_active = grad_logits.view(n * r, -1), active.view(n * r, -1)
     grad_bias = grad_logits.sum(0)
     grad_expand = flat_logits.t() @ flat_active
@@ -444,7 +458,7 @@ def fused_gate(
         or any(p.requires_grad for p in params)
     )
     if not needs_grad:
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             regions = layout.pool(x if source is None else source)
             dtype = torch.promote_types(regions.dtype, params[0].dtype)
             weights = _mlp_forward(_stack(branches, layout.scales, dtype), regions.to(dtype))[0]
