@@ -67,6 +67,15 @@ def mark_disposable(t: torch.Tensor) -> torch.Tensor:
 
 
 def is_disposable(t: torch.Tensor) -> bool:
-    """Whether ``t``'s storage was marked by :func:`mark_disposable`."""
+    """Whether ``t``'s storage was marked by :func:`mark_disposable` (and not yet taken)."""
     storage = t.untyped_storage()
     return _DISPOSABLE.get(id(storage)) is storage
+
+
+def take_disposable(t: torch.Tensor) -> bool:
+    """Claim ``t``'s storage for overwriting: True once for a marked storage, then the mark is gone
+    (the storage may live on in a result handed to others, which must not be overwritten again)."""
+    if not is_disposable(t):
+        return False
+    del _DISPOSABLE[id(t.untyped_storage())]
+    return True

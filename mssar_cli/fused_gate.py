@@ -22,8 +22,10 @@ BN statistics and running averages are ``nn.BatchNorm1d``'s own (the same kernel
 chooses):
 
 * :class:`BandLayout`, maps larger than ``MATRIX_MAP`` whose regions are unions of equal
-  ``sh x sw`` blocks (e.g. 8 x 8 blocks of a 32 x 32 map for scales {1, 2, 4}); block sums over
-  W-contiguous bands, weights spread onto ``sh x 1`` cells and broadcast over the ``sh`` rows.
+  ``sh x sw`` blocks (e.g. 8 x 8 blocks of a 32 x 32 map for scales {1, 2, 4}): the map is cut
+  into bands of ``sh`` rows and the cells are single columns of a band; one strided sum over the
+  band's rows, then region means by one product; weights spread onto the cells and broadcast over
+  the ``sh`` rows.
 * :class:`MatrixLayout`, maps of up to ``MATRIX_MAP`` positions, and other partitions (7 x 7 or
   14 x 14 with K = 4) of up to ``SMALL_MAP``: the regions of every scale are the rows of a
   pooling matrix ``P`` (``1/area`` on the region's positions) and of a spreading matrix ``S``
@@ -46,7 +48,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from mssar_cli.batchnorm import batch_norm_with_statistics, is_disposable, uses_batch_statistics
+from mssar_cli.batchnorm import batch_norm_with_statistics, take_disposable, uses_batch_statistics
 from mssar_cli.partition import region_of_index
 
 # Layout choice, measured inside a ResNet-56 training step on the project's 2-core CPU: maps of up
@@ -91,21 +93,25 @@ def _region_matrices(
     return pool.to(device=device, dtype=dtype), spread.to(device=device, dtype=dtype)
 
 
-def _block_sum(t: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
-    """Sums of the ``sh x sw`` blocks of a contiguous (N, C, H, W) map, shape (N, C, H/sh, W/sw)."""
-    n, c, height, width = t.shape
-    if sh > 1:
-        t = t.view(n, c, height // sh, sh, width).sum(3)
-    if sw > 1:
-        t = t.view(n, c, height // sh, width // sw, sw).sum(4)
-    return t
+@lru_cache(maxsize=128)
+def _band_matrices(
+    scales: tuple[int, ...], height: int, width: int, sh: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Region-mean and spreading matrices over ``sh x 1`` cells (one band, one column).
+
+    ``mean`` (sum K^2, H/sh * W) is 1/area on a region's cells, so applied to the cells' sums it
+    gives the region means; ``spread`` is :func:`_region_matrices`' 1/L.
+    """
+    pool, spread = _region_matrices((sh,) * (height // sh), (1,) * width, scales, device, dtype)
+    return pool / sh, spread  # a cell's share of its region's area is sh / area
 
 
 def _product(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``grad * x``; written into ``x`` when ``x`` is a disposable rebuilt BN output (it is
-    needed for nothing else), which saves a full-size allocation."""
-    if is_disposable(x) and x.dtype == grad.dtype and x.is_contiguous():
-        return x.mul_(grad)
+    needed for nothing else), which saves a full-size allocation. The buffer may become ``x``'s
+    gradient, so its mark is taken off and it is detached from the graph ``x`` came with."""
+    if x.dtype == grad.dtype and x.is_contiguous() and take_disposable(x):
+        return x.detach().mul_(grad)
     return grad * x
 
 
@@ -169,45 +175,41 @@ class MatrixLayout:
 
 @dataclass(frozen=True)
 class BandLayout:
-    """Cells are equal ``sh x sw`` blocks, handled as W-contiguous bands of ``sh`` rows.
+    """Cells are ``sh x 1``: one column of a band of ``sh`` rows; W stays the contiguous axis.
 
-    Block sums reduce over the ``sh`` rows of a band, then over ``sw`` columns. Values that go back
-    to the map are spread onto ``sh x 1`` cells (one band, one column: ``wide`` matrices), a
-    tensor 1/sh of the map that broadcasts over the band's rows, which keeps W the innermost,
-    contiguous dimension of every full-size operand.
+    Pooling sums each band over its ``sh`` rows (one strided reduction) and takes the region means
+    with one product; values that go back to the map are a tensor of the cells (1/sh of the map)
+    that broadcasts over the band's rows.
     """
 
     scales: tuple[int, ...]
     height: int
     width: int
     sh: int
-    sw: int
 
     def _matrices(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, cols = (self.sh,) * (self.height // self.sh), (self.sw,) * (self.width // self.sw)
-        return _region_matrices(rows, cols, self.scales, like.device, like.dtype)
-
-    def _wide_matrices(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, cols = (self.sh,) * (self.height // self.sh), (1,) * self.width
-        return _region_matrices(rows, cols, self.scales, like.device, like.dtype)
+        return _band_matrices(self.scales, self.height, self.width, self.sh, like.device, like.dtype)
 
     def _bands(self, t: torch.Tensor) -> torch.Tensor:
         n, c = t.shape[:2]
         return t.view(n, c, self.height // self.sh, self.sh, self.width)
 
-    def _band(self, wide: torch.Tensor) -> torch.Tensor:
-        """(N, C, H/sh * W) values of ``sh x 1`` cells as (N, C, H/sh, 1, W)."""
-        n, c = wide.shape[:2]
-        return wide.view(n, c, self.height // self.sh, 1, self.width)
+    def _band(self, cells: torch.Tensor) -> torch.Tensor:
+        """(N, C, H/sh * W) values of the cells as (N, C, H/sh, 1, W)."""
+        n, c = cells.shape[:2]
+        return cells.view(n, c, self.height // self.sh, 1, self.width)
+
+    def _cell_sums(self, t: torch.Tensor) -> torch.Tensor:
+        """Sums of a full-size map over each cell's ``sh`` rows, (N, C, H/sh * W)."""
+        n, c = t.shape[:2]
+        return self._bands(t).sum(3).view(n, c, -1)
 
     def pool(self, source: torch.Tensor) -> torch.Tensor:
-        pool, _ = self._matrices(source)
-        n, c = source.shape[:2]
-        cells = _block_sum(source, self.sh, self.sw).view(n, c, -1) / (self.sh * self.sw)
-        return torch.matmul(pool, cells.transpose(1, 2))
+        mean, _ = self._matrices(source)
+        return torch.matmul(mean, self._cell_sums(source).transpose(1, 2))
 
     def _spread(self, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        _, spread = self._wide_matrices(like)
+        _, spread = self._matrices(like)
         return self._band(torch.matmul(weights.transpose(1, 2).to(spread.dtype), spread))
 
     def scale(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -215,16 +217,15 @@ class BandLayout:
 
     def weight_grad(self, grad: torch.Tensor, x: torch.Tensor):
         """The weights' gradient, and ``grad * x`` as scratch space for :meth:`input_grad`."""
-        n, d = x.shape[:2]
         product = _product(grad, x)
-        cells = _block_sum(product, self.sh, self.sw).view(n, d, -1)
+        cells = self._cell_sums(product)
         _, spread = self._matrices(cells)
         return torch.matmul(spread, cells.transpose(1, 2)), product
 
     def _mean_grad(self, pooled_grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Gradient of the region means with respect to every position, as (N, C, H/sh, 1, W)."""
-        pool, _ = self._wide_matrices(like)  # an sh x 1 cell's share of its region, over sh
-        return self._band(torch.matmul(pooled_grad.transpose(1, 2).to(pool.dtype), pool / self.sh))
+        mean, _ = self._matrices(like)
+        return self._band(torch.matmul(pooled_grad.transpose(1, 2).to(mean.dtype), mean))
 
     def input_grad(
         self,
@@ -399,7 +400,8 @@ class _FusedGate(torch.autograd.Function):
             regions = regions.to(dtype)
             weights, hidden, active, stats = _mlp_forward(stack, regions)
             out = layout.scale(x, weights)  # the weights are rebuilt in backward from ``active``
-        ctx.save_for_backward(x, regions, hidden, active)
+        # the parameters too, for autograd's check that nothing changed them before backward
+        ctx.save_for_backward(x, regions, hidden, active, *params)
         ctx.layout, ctx.stack, ctx.stats, ctx.own = layout, stack, stats, own
         ctx.source_meta = None if own else (source.shape, source.dtype)
         return out
@@ -407,7 +409,7 @@ class _FusedGate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, regions, hidden, active = ctx.saved_tensors
+        x, regions, hidden, active, *_ = ctx.saved_tensors
         layout, stack = ctx.layout, ctx.stack
         grad = grad.contiguous()
         weights = _weights(stack, active)

@@ -228,7 +228,7 @@ class MSSAR(nn.Module):
             if height * width <= MATRIX_MAP or (not plan.uniform and height * width <= SMALL_MAP):
                 layout = MatrixLayout(self.scales, height, width)
             elif plan.uniform:
-                layout = BandLayout(self.scales, height, width, sh, sw)
+                layout = BandLayout(self.scales, height, width, sh)
             if layout is not None:
                 own = None if source is x else source
                 return fused_gate(x, own, layout, self.branches)

@@ -107,31 +107,34 @@ def test_the_bn_output_is_not_kept_for_backward(factory, monkeypatch):
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_falls_back_outside_training():
+def test_falls_back_outside_training(monkeypatch):
     block = make_block("basic", "mssar").eval()
     calls = []
     original = bn_recompute.batch_norm_with_statistics
-    bn_recompute._batch_norm_with_statistics = lambda bn, pre: calls.append(1) or original(bn, pre)
-    try:
-        x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
-        torch.testing.assert_close(block(x), plain_forward(block, x))
-        block.train()
-        with torch.no_grad():
-            torch.testing.assert_close(block(x), plain_forward(copy.deepcopy(block), x))
-    finally:
-        bn_recompute._batch_norm_with_statistics = original
+    monkeypatch.setattr(
+        bn_recompute,
+        "batch_norm_with_statistics",
+        lambda bn, pre: calls.append(1) or original(bn, pre),
+    )
+    x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(block(x), plain_forward(block, x))
+    block.train()
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), plain_forward(copy.deepcopy(block), x))
     assert calls == []
+    block(x)  # training with autograd: the rebuild path, which the spy sees
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("size", [8, 16], ids=lambda s: f"{s}x{s}")
 def test_fused_gate_writes_into_the_rebuilt_bn_output(size, monkeypatch):
     """The rebuilt BN output is private to the fused gate's backward, which reuses its buffer
-    for grad * x (mssar_cli.batchnorm.is_disposable); gradients stay the plain composition's."""
-    import mssar_cli.fused_gate as fused_gate
+    for grad * x (mssar_cli.batchnorm.take_disposable); gradients stay the plain composition's."""
+    from mssar_cli import fused_gate
 
     seen = []
-    original = fused_gate.is_disposable
-    monkeypatch.setattr(fused_gate, "is_disposable", lambda t: seen.append(original(t)) or seen[-1])
+    original = fused_gate.take_disposable
+    monkeypatch.setattr(fused_gate, "take_disposable", lambda t: seen.append(original(t)) or seen[-1])
     block = make_block("basic", "mssar")
     reference = copy.deepcopy(block)
     x = torch.randn(4, 16, size, size, dtype=torch.float64)
@@ -145,11 +148,48 @@ def test_fused_gate_writes_into_the_rebuilt_bn_output(size, monkeypatch):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=name)
 
 
-def test_an_ordinary_tensor_is_not_disposable():
-    from mssar_cli.batchnorm import is_disposable, mark_disposable
+def test_an_ordinary_tensor_is_not_disposable_and_a_mark_is_taken_once():
+    from mssar_cli.batchnorm import is_disposable, mark_disposable, take_disposable
 
     t = torch.randn(3)
-    assert not is_disposable(t) and not is_disposable(t.view(3))
+    assert not is_disposable(t) and not is_disposable(t.view(3)) and not take_disposable(t)
     mark_disposable(t)
     assert is_disposable(t) and is_disposable(t.view(3))  # the mark is on the storage
     assert not is_disposable(t.clone())
+    assert take_disposable(t.view(3)) and not take_disposable(t) and not is_disposable(t)
+
+
+@pytest.mark.parametrize("stage", ["layer1", "layer3"])  # band (32x32) and matrix (8x8) layouts
+def test_the_gradient_at_a_rebuilt_bn_output_is_an_ordinary_tensor(stage):
+    """The fused gate hands its scratch buffer (the rebuilt BN output) out as x's gradient: that
+    gradient must be a plain tensor, usable in grad mode, and never overwritten later by another
+    fused gate that receives it as its input."""
+    from mssar_cli.batchnorm import is_disposable
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", recalibration="mssar").train()
+    seen = []
+    getattr(model, stage)[0].recalibration.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    loss = model(torch.randn(2, 3, 32, 32)).sum()
+    (grad,) = torch.autograd.grad(loss, seen[0])
+    assert not grad.requires_grad and not is_disposable(grad)
+    assert torch.equal(grad * 2, grad + grad)  # usable in grad mode
+    kept = grad.clone()
+    other = MSSAR(grad.shape[1]).train()
+    other(grad.clone().requires_grad_()).square().sum().backward()
+    other(grad.requires_grad_()).square().sum().backward()
+    assert torch.equal(grad.detach(), kept)
+
+
+def test_parameters_changed_between_forward_and_backward_are_refused():
+    """As with any autograd graph: a second backward after an optimizer step raises."""
+    torch.manual_seed(0)
+    module = MSSAR(16).train()
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    loss = module(x).square().sum()
+    loss.backward(retain_graph=True)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.sub_(0.1 * p.grad)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

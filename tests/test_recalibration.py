@@ -816,7 +816,7 @@ def test_fused_gate_refuses_double_backward_clearly():
 def test_branches_the_fused_gate_cannot_differentiate_take_the_autograd_path(size, monkeypatch):
     """A BN without affine parameters (or a SyncBatchNorm) is not differentiated by hand: the
     module falls back to autograd and still equals the direct implementation."""
-    import mssar_cli.recalibration as recalibration
+    from mssar_cli import recalibration
 
     torch.manual_seed(4)
     fast = MSSAR(CHANNELS, (1, 2, 4)).double().train()
