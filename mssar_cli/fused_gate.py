@@ -54,7 +54,8 @@ from mssar_cli.partition import region_of_index
 # Layout choice, measured inside a ResNet-56 training step on the project's 2-core CPU: maps of up
 # to MATRIX_MAP positions (8x8) use MatrixLayout, where strided reductions and broadcasts over
 # blocks of 2 elements are slower than BLAS products with the region matrices; larger ones with an
-# equal-block refined grid use BandLayout (16x16: 5.4 ms per module against 8.1 ms as matrices),
+# equal-block refined grid use BandLayout (16x16: 5.4 ms per module against 8.1 ms as matrices,
+# measured before the hand-written backward),
 # and other maps of up to SMALL_MAP positions (7x7 or 14x14 with K = 4) use MatrixLayout.
 MATRIX_MAP = 64
 SMALL_MAP = 256
@@ -322,11 +323,12 @@ def _weights(stack: _Stack, active: torch.Tensor) -> torch.Tensor:
     return logits.add_(stack.bias).sigmoid_()
 
 
-def _mlp_forward(stack: _Stack, rows: torch.Tensor):
+def _mlp_forward(stack: _Stack, rows: torch.Tensor, for_backward: bool):
     """Eq. 1 of every scale on its regions' means, rows (N, regions, C_source).
 
     Returns the weights (N, regions, D), the hidden layer before BN and after BN + ReLU (both
-    (N, regions, L*D'), zero outside each scale's block) and per scale the statistics BN used.
+    (N, regions, L*D'), zero outside each scale's block) and per scale the statistics BN used
+    (with copies of the running ones in evaluation mode when ``for_backward``).
     BN updates its running statistics as ``nn.BatchNorm1d`` does (once per forward).
     """
     n, r, c = rows.shape
@@ -337,7 +339,7 @@ def _mlp_forward(stack: _Stack, rows: torch.Tensor):
         normalised, mean, invstd = batch_norm_with_statistics(bn, hidden[block].transpose(1, 2))
         active[block] = normalised.relu_().transpose(1, 2)
         running = None
-        if not uses_batch_statistics(bn):  # evaluation-mode BN: backward needs these values
+        if for_backward and not uses_batch_statistics(bn):  # evaluation-mode BN's backward
             running = (bn.running_mean.clone(), bn.running_var.clone())
         stats.append((mean, invstd, running))
     return _weights(stack, active), hidden, active, stats
@@ -387,23 +389,31 @@ def _mlp_backward(
     return grad_rows, per_scale
 
 
+def _gate_forward(x, source, layout, branches, params, for_backward: bool):
+    """``x * spread(mlps(pool(source)))`` and what backward needs: the region means (as rows),
+    the stacked MLPs and the MLPs' hidden layers and BN statistics (see :func:`_mlp_forward`)."""
+    with torch.autocast(x.device.type, enabled=False):  # the map's dtype, MLPs in fp32 or wider
+        regions = layout.pool(x if source is None else source)
+        dtype = torch.promote_types(regions.dtype, params[0].dtype)
+        stack = _stack(branches, layout.scales, dtype)
+        regions = regions.to(dtype)
+        weights, hidden, active, stats = _mlp_forward(stack, regions, for_backward)
+        return layout.scale(x, weights), (regions, stack, hidden, active, stats)
+
+
 class _FusedGate(torch.autograd.Function):
     """``x * spread(mlps(pool(source)))``; backward as in the module docstring."""
 
     @staticmethod
     def forward(ctx, x, source, layout, branches, *params):
-        own = source is None
-        with torch.autocast(x.device.type, enabled=False):  # the map's dtype, fp32 MLPs
-            regions = layout.pool(x if own else source)
-            dtype = torch.promote_types(regions.dtype, params[0].dtype)
-            stack = _stack(branches, layout.scales, dtype)
-            regions = regions.to(dtype)
-            weights, hidden, active, stats = _mlp_forward(stack, regions)
-            out = layout.scale(x, weights)  # the weights are rebuilt in backward from ``active``
+        # the weights are rebuilt in backward from ``active``
+        out, (regions, stack, hidden, active, stats) = _gate_forward(
+            x, source, layout, branches, params, for_backward=True
+        )
         # the parameters too, for autograd's check that nothing changed them before backward
         ctx.save_for_backward(x, regions, hidden, active, *params)
-        ctx.layout, ctx.stack, ctx.stats, ctx.own = layout, stack, stats, own
-        ctx.source_meta = None if own else (source.shape, source.dtype)
+        ctx.layout, ctx.stack, ctx.stats, ctx.own = layout, stack, stats, source is None
+        ctx.source_meta = None if source is None else (source.shape, source.dtype)
         return out
 
     @staticmethod
@@ -460,9 +470,6 @@ def fused_gate(
         or any(p.requires_grad for p in params)
     )
     if not needs_grad:
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            regions = layout.pool(x if source is None else source)
-            dtype = torch.promote_types(regions.dtype, params[0].dtype)
-            weights = _mlp_forward(_stack(branches, layout.scales, dtype), regions.to(dtype))[0]
-            return layout.scale(x, weights)
+        with torch.no_grad():
+            return _gate_forward(x, source, layout, branches, params, for_backward=False)[0]
     return _FusedGate.apply(x, source, layout, branches, *params)

@@ -223,7 +223,7 @@ class MSSAR(nn.Module):
             and not torch.compiler.is_compiling()
             and fused_gate_supports(self.branches)
         ):
-            # One autograd node for the pooling and the multiply (mssar_cli.fused_gate).
+            # The whole module as one autograd node with a hand-written backward (fused_gate).
             layout = None
             if height * width <= MATRIX_MAP or (not plan.uniform and height * width <= SMALL_MAP):
                 layout = MatrixLayout(self.scales, height, width)
