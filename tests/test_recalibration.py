@@ -832,3 +832,36 @@ def test_branches_the_fused_gate_cannot_differentiate_take_the_autograd_path(siz
     assert not called
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10, msg=key)
+
+
+@pytest.mark.parametrize(
+    "scales, size, band_rows",
+    [((8,), (16, 16), 2), ((2, 8), (16, 16), 2), ((4,), (16, 16), 4), ((1, 4), (32, 32), 8)],
+)
+@pytest.mark.parametrize("own_source", [True, False], ids=["own", "source"])
+def test_band_layout_sums_bands_of_every_height_exactly(scales, size, band_rows, own_source, monkeypatch):
+    """Bands of 2 and 4 rows are summed by adding halves, taller ones by ``sum``: each equals the
+    direct implementation, forward and backward, with x as its own source and with another."""
+    from mssar_cli import recalibration
+    from mssar_cli.fused_gate import BandLayout
+
+    layouts = []
+    original = recalibration.fused_gate
+    monkeypatch.setattr(
+        recalibration, "fused_gate", lambda *a: layouts.append(a[2]) or original(*a)
+    )
+    torch.manual_seed(5)
+    source_channels = None if own_source else SOURCE_CHANNELS
+    fast = randomize_bn(MSSAR(CHANNELS, scales, source_channels=source_channels)).double().train()
+    direct = copy.deepcopy(fast)
+    direct.implementation = "direct"
+    x, source = make_inputs(
+        4, CHANNELS, *size, source_channels=source_channels, dtype=torch.float64
+    )
+    source = None if own_source else source
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = forward_backward(fast, x, source, upstream)
+    want = forward_backward(direct, x, source, upstream)
+    assert layouts and isinstance(layouts[0], BandLayout) and layouts[0].sh == band_rows
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10, msg=key)
