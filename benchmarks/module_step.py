@@ -12,6 +12,12 @@ v4, v1, v2, ...) so that load from other processes hits every variant alike; the
 medians and ratios to the plain network, and the *overhead ratio* (MS-SAR's step overhead over
 plain divided by SE's).
 
+Time inside the modules: after the timed repeats, as many more interleaved steps of SE and
+MS-SAR run with :class:`ModuleClock` hooks on every recalibration module, which time each
+module's forward and backward within the step; their ratio (MS-SAR / SE, per round, median and
+bootstrap interval) leaves out the noise of the rest of the network that the whole-step
+differences carry. Not with ``--compile`` (hooks would split the compiled graph).
+
 Peak memory: on CUDA, the peak of ``torch.cuda.max_memory_allocated`` during one training step
 of the variant (the other variants' resident parameters are subtracted, its own added). On CPU,
 the peak of the allocator's running total during one training step, from ``torch.profiler``'s
@@ -53,6 +59,7 @@ from bench_common import (
 )
 
 from mssar_cli.models import create_model
+from mssar_cli.recalibration import MSSAR, SqueezeExcitation
 
 CSV_PATH = RESULTS / "module_step.csv"
 CSV_COLUMNS = (
@@ -135,6 +142,110 @@ def step(runner: Runner, x: torch.Tensor, y: torch.Tensor, device: torch.device)
     sync(device)
     t3 = time.perf_counter()
     return t1 - t0, t2 - t1, t3 - t2
+
+
+class ModuleClock:
+    """Seconds spent inside a model's recalibration modules (SE or MS-SAR) during training steps.
+
+    Forward: from each module's forward pre-hook to its forward hook. Backward: from its full
+    backward pre-hook (the gradient of its output is ready) to its full backward hook (the
+    gradients of its inputs are), which covers the module's whole backward, the rebuild of the BN
+    output it multiplies included. Unlike a difference of whole steps, this leaves out the noise
+    of the rest of the network; the hooks cost both variants alike.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.forward = self.backward = 0.0
+        self._started: dict[int, float] = {}
+        self._handles = []
+        for module in model.modules():
+            if isinstance(module, (SqueezeExcitation, MSSAR)):
+                self._handles += [
+                    module.register_forward_pre_hook(self._start),
+                    module.register_forward_hook(self._stop_forward),
+                    module.register_full_backward_pre_hook(self._start),
+                    module.register_full_backward_hook(self._stop_backward),
+                ]
+        if not self._handles:
+            raise ValueError("the model has no recalibration module")
+
+    def _now(self) -> float:
+        sync(self.device)
+        return time.perf_counter()
+
+    def _start(self, module: nn.Module, _inputs) -> None:
+        self._started[id(module)] = self._now()
+
+    def _stop_forward(self, module: nn.Module, _inputs, _output) -> None:
+        self.forward += self._now() - self._started.pop(id(module))
+
+    def _stop_backward(self, module: nn.Module, _grad_inputs, _grad_outputs) -> None:
+        self.backward += self._now() - self._started.pop(id(module))
+
+    def reset(self) -> None:
+        self.forward = self.backward = 0.0
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def module_times(
+    runners: list[Runner], x: torch.Tensor, y: torch.Tensor, device: torch.device, rounds: int
+) -> dict[str, list[tuple[float, float]]]:
+    """(forward, backward) seconds per step inside the recalibration modules of the SE and
+    MS-SAR runners, over ``rounds`` more interleaved steps with :class:`ModuleClock` attached."""
+    runners = [r for r in runners if r.name in ("se", "mssar")]
+    clocks = {r.name: ModuleClock(r.model, device) for r in runners}
+    times: dict[str, list[tuple[float, float]]] = {r.name: [] for r in runners}
+    try:
+        for _ in range(rounds):
+            for runner in runners:
+                clock = clocks[runner.name]
+                clock.reset()
+                step(runner, x, y, device)
+                times[runner.name].append((clock.forward, clock.backward))
+    finally:
+        for clock in clocks.values():
+            clock.remove()
+    return times
+
+
+def ratio_interval(
+    numerator: list[float], denominator: list[float], resamples: int = 2000
+) -> tuple[float, float, float] | None:
+    """Median of the per-round ratios numerator_i / denominator_i with its 95% bootstrap interval
+    over rounds; None with fewer than 5 rounds."""
+    ratios = [n / d for n, d in zip(numerator, denominator)]
+    if len(ratios) < 5:
+        return None
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median(rng.choice(ratios) for _ in ratios) for _ in range(resamples)
+    )
+    return statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
+def module_summary(times: dict[str, list[tuple[float, float]]]) -> str | None:
+    """The line on the time inside the modules, or None without both SE and MS-SAR times."""
+    if not {"se", "mssar"} <= times.keys():
+        return None
+    parts = []
+    for name, label in (("se", "SE"), ("mssar", "MS-SAR")):
+        fwd, bwd = zip(*times[name])
+        total = [f + b for f, b in times[name]]
+        parts.append(f"{label} {median_ms(total):.1f} ms per step (forward {median_ms(fwd):.1f}, "
+                     f"backward {median_ms(bwd):.1f})")
+    text = (f"Inside the recalibration modules ({len(times['se'])} more interleaved steps, "
+            f"hooks): " + ", ".join(parts))
+    interval = ratio_interval(
+        [f + b for f, b in times["mssar"]], [f + b for f, b in times["se"]]
+    )
+    if interval is not None:
+        estimate, low, high = interval
+        text += f"; MS-SAR / SE {estimate:.2f} (95% bootstrap interval {low:.2f}-{high:.2f})"
+    return text
 
 
 def param_bytes(model: nn.Module) -> int:
@@ -237,6 +348,9 @@ def run_model(model_name: str, args: argparse.Namespace, device: torch.device) -
             )
 
     by_name = {r.name: r for r in runners}
+    times = {}
+    if {"se", "mssar"} <= by_name.keys() and not args.compile:  # hooks would split the graph
+        times = module_times(runners, x, y, device, repeats)
     base = by_name.get("plain")
     rows = []
     for r in runners:
@@ -265,6 +379,8 @@ def run_model(model_name: str, args: argparse.Namespace, device: torch.device) -
         )
         for row in rows:
             row["overhead_interval"] = interval
+    for row in rows:
+        row["module_times"] = times
     del runners
     gc.collect()
     if device.type == "cuda":
@@ -347,9 +463,9 @@ def print_table(model_name: str, rows: list[dict], header: str) -> None:
         )
     console = Console()
     console.print(table)
-    summary = overhead_summary(rows)
-    if summary is not None:
-        console.print(summary)
+    for summary in (overhead_summary(rows), module_summary(rows[0].get("module_times", {}))):
+        if summary is not None:
+            console.print(summary)
 
 
 def csv_rows(rows: list[dict], common: dict) -> list[dict]:
@@ -377,9 +493,9 @@ def markdown(model_name: str, rows: list[dict]) -> str:
     ]
     text = f"**{model_name}**, batch {batch}, medians of {rows[0]['repeats'] if rows else 0} repeats\n\n"
     text += markdown_table(headers, cells, [False] + [True] * 7)
-    summary = overhead_summary(rows)
-    if summary is not None:
-        text += f"\n\n{summary}"
+    for summary in (overhead_summary(rows), module_summary(rows[0].get("module_times", {}) if rows else {})):
+        if summary is not None:
+            text += f"\n\n{summary}"
     return text
 
 

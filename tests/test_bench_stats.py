@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,65 @@ def test_summary_line_names_the_interval_and_the_goal(module_step):
     assert "95% bootstrap interval 1.10-1.90" in line and "1.50 (ratio of medians)" in line
     assert line.endswith("goal <= 1.5")
     assert module_step.overhead_summary(rows[:2]) is None
+
+
+def test_ratio_interval_brackets_a_known_ratio_and_needs_five_rounds(module_step):
+    mssar, se = noisy(1.35, 21, 4), noisy(1.0, 21, 5)
+    estimate, low, high = module_step.ratio_interval(mssar, se)
+    assert low <= estimate <= high and low < 1.35 < high and high - low < 0.1
+    assert module_step.ratio_interval([1.3] * 4, [1.0] * 4) is None
+
+
+def test_module_summary_line(module_step):
+    times = {"se": [(0.05, 0.13)] * 6, "mssar": [(0.10, 0.15)] * 6}
+    line = module_step.module_summary(times)
+    assert line.startswith("Inside the recalibration modules (6 more interleaved steps")
+    assert "SE 180.0 ms per step (forward 50.0, backward 130.0)" in line
+    assert "MS-SAR 250.0 ms per step (forward 100.0, backward 150.0)" in line
+    assert "MS-SAR / SE 1.39 (95% bootstrap interval 1.39-1.39)" in line
+    assert module_step.module_summary({"se": times["se"]}) is None
+
+
+@pytest.mark.parametrize("recalibration", ["se", "mssar"])
+def test_module_clock_times_the_modules_without_changing_the_step(module_step, recalibration):
+    """The hooks time every recalibration module's forward and backward, leave the gradients as
+    they are, and are gone after ``remove``."""
+    import torch
+
+    from mssar_cli.models import create_model
+
+    def gradients(model, x, y):
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, recalibration=recalibration).double().train()
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    want = gradients(model, x, y)
+    model.load_state_dict(state)  # the same BN running statistics for the timed step
+    clock = module_step.ModuleClock(model, torch.device("cpu"))
+    started = time.perf_counter()
+    got = gradients(model, x, y)
+    elapsed = time.perf_counter() - started
+    assert 0 < clock.forward and 0 < clock.backward and clock.forward + clock.backward < elapsed
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    clock.remove()
+    clock.reset()
+    gradients(model, x, y)
+    assert clock.forward == clock.backward == 0.0
+    assert not any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in model.modules()
+    )
+
+
+def test_module_clock_refuses_a_model_without_recalibration(module_step):
+    import torch
+
+    from mssar_cli.models import create_model
+
+    with pytest.raises(ValueError, match="no recalibration module"):
+        module_step.ModuleClock(create_model("resnet20", 10, recalibration="none"), torch.device("cpu"))
