@@ -151,7 +151,9 @@ class ModuleClock:
     backward pre-hook (the gradient of its output is ready) to its full backward hook (the
     gradients of its inputs are), which covers the module's whole backward, the rebuild of the BN
     output it multiplies included. Unlike a difference of whole steps, this leaves out the noise
-    of the rest of the network; the hooks cost both variants alike.
+    of the rest of the network; the hooks cost both variants alike. The module's input must
+    require a gradient (as in every benchmark network): otherwise PyTorch fires the full
+    backward hook before the module's backward, so a forward with such an input raises.
     """
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
@@ -162,7 +164,7 @@ class ModuleClock:
         for module in model.modules():
             if isinstance(module, (SqueezeExcitation, MSSAR)):
                 self._handles += [
-                    module.register_forward_pre_hook(self._start),
+                    module.register_forward_pre_hook(self._start_forward),
                     module.register_forward_hook(self._stop_forward),
                     module.register_full_backward_pre_hook(self._start),
                     module.register_full_backward_hook(self._stop_backward),
@@ -174,7 +176,17 @@ class ModuleClock:
         sync(self.device)
         return time.perf_counter()
 
-    def _start(self, module: nn.Module, _inputs) -> None:
+    def _start(self, module: nn.Module, _grad_outputs) -> None:
+        self._started[id(module)] = self._now()
+
+    def _start_forward(self, module: nn.Module, inputs) -> None:
+        if torch.is_grad_enabled() and not any(
+            torch.is_tensor(t) and t.requires_grad for t in inputs
+        ):
+            raise RuntimeError(
+                f"ModuleClock: the input of {type(module).__name__} does not require a gradient, "
+                "so its backward could not be timed"
+            )
         self._started[id(module)] = self._now()
 
     def _stop_forward(self, module: nn.Module, _inputs, _output) -> None:

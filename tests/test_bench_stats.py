@@ -138,3 +138,18 @@ def test_module_clock_refuses_a_model_without_recalibration(module_step):
 
     with pytest.raises(ValueError, match="no recalibration module"):
         module_step.ModuleClock(create_model("resnet20", 10, recalibration="none"), torch.device("cpu"))
+
+
+def test_module_clock_refuses_an_input_without_gradient(module_step):
+    """PyTorch would fire the backward hook before the module's backward: refused, not mistimed."""
+    import torch
+
+    from mssar_cli.recalibration import SqueezeExcitation
+
+    model = torch.nn.Sequential(SqueezeExcitation(8, 4))
+    clock = module_step.ModuleClock(model, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="does not require a gradient"):
+        model(torch.randn(2, 8, 4, 4))
+    with torch.no_grad():
+        model(torch.randn(2, 8, 4, 4))  # no backward to time: allowed
+    clock.remove()

@@ -865,3 +865,38 @@ def test_band_layout_sums_bands_of_every_height_exactly(scales, size, band_rows,
     assert layouts and isinstance(layouts[0], BandLayout) and layouts[0].sh == band_rows
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10, msg=key)
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+@pytest.mark.parametrize("size", [(8, 8), (16, 16)], ids=size_id)
+def test_parametrized_or_replicated_weights_reach_the_fused_gate(size):
+    """Weights that are not in a module's own parameter dictionary, a parametrized weight
+    (torch.nn.utils.parametrize) or a plain tensor attribute as on a DataParallel replica, are
+    read through the module: the module still equals the direct implementation."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(8)
+    fast = randomize_bn(MSSAR(CHANNELS, (1, 2, 4))).double().train()
+    parametrize.register_parametrization(fast.branches[0].reduce, "weight", _Doubled())
+    parametrize.register_parametrization(fast.branches[1].expand, "bias", _Doubled())
+    replica = fast.branches[2].expand
+    weight = replica._parameters.pop("weight")
+    replica.weight = weight.detach().clone().requires_grad_(True)  # a plain attribute
+    direct = copy.deepcopy(fast)
+    direct.implementation = "direct"
+    x, _ = make_inputs(4, CHANNELS, *size, dtype=torch.float64)
+    outputs, grads = [], []
+    for module in (fast, direct):
+        xi = x.clone().requires_grad_(True)
+        out = module(xi)
+        plain = module.branches[2].expand.weight
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append([xi.grad, plain.grad, *(p.grad for p in module.parameters())])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-10)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
