@@ -232,11 +232,24 @@ def ratio_interval(
     ratios = [n / d for n, d in zip(numerator, denominator)]
     if len(ratios) < 5:
         return None
+    medians = [
+        statistics.median(ratios[i] for i in pick)
+        for pick in resampled_rounds(len(ratios), resamples)
+    ]
+    return statistics.median(ratios), *percentile_interval(medians)
+
+
+def resampled_rounds(rounds: int, resamples: int):
+    """Bootstrap resamples of whole rounds, as index lists (seeded: the same in every run)."""
     rng = random.Random(0)
-    medians = sorted(
-        statistics.median(rng.choice(ratios) for _ in ratios) for _ in range(resamples)
-    )
-    return statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+    for _ in range(resamples):
+        yield [rng.randrange(rounds) for _ in range(rounds)]
+
+
+def percentile_interval(values: list[float]) -> tuple[float, float]:
+    """The 2.5% and 97.5% points of bootstrap estimates."""
+    values = sorted(values)
+    return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
 
 
 def module_summary(times: dict[str, list[tuple[float, float]]]) -> str | None:
@@ -418,18 +431,15 @@ def overhead_interval(
     mssar_overhead = [m - p for m, p in zip(mssar, plain)]
     if statistics.median(se_overhead) <= 0:
         return None
-    rng = random.Random(0)
     ratios = []
-    for _ in range(resamples):
-        pick = [rng.randrange(rounds) for _ in range(rounds)]
+    for pick in resampled_rounds(rounds, resamples):
         s = statistics.median(se_overhead[i] for i in pick)
         if s > 0:
             ratios.append(statistics.median(mssar_overhead[i] for i in pick) / s)
     if len(ratios) < 0.95 * resamples:
         return None
-    ratios.sort()
     estimate = statistics.median(mssar_overhead) / statistics.median(se_overhead)
-    return estimate, ratios[int(0.025 * len(ratios))], ratios[int(0.975 * len(ratios)) - 1]
+    return estimate, *percentile_interval(ratios)
 
 
 def overhead_summary(rows: list[dict]) -> str | None:
@@ -444,6 +454,12 @@ def overhead_summary(rows: list[dict]) -> str | None:
         text += (f"{estimate:.2f} (median paired differences, 95% bootstrap interval "
                  f"{low:.2f}-{high:.2f}), ")
     return text + f"{ratio:.2f} (ratio of medians); goal <= 1.5"
+
+
+def summaries(rows: list[dict]) -> list[str]:
+    """The lines printed under a model's table: the overhead ratio and the time inside the modules."""
+    times = rows[0].get("module_times", {}) if rows else {}
+    return [line for line in (overhead_summary(rows), module_summary(times)) if line is not None]
 
 
 def overhead_ratio(rows: list[dict], key: str = "ratio_to_plain") -> float | None:
@@ -475,9 +491,8 @@ def print_table(model_name: str, rows: list[dict], header: str) -> None:
         )
     console = Console()
     console.print(table)
-    for summary in (overhead_summary(rows), module_summary(rows[0].get("module_times", {}))):
-        if summary is not None:
-            console.print(summary)
+    for summary in summaries(rows):
+        console.print(summary)
 
 
 def csv_rows(rows: list[dict], common: dict) -> list[dict]:
@@ -505,9 +520,8 @@ def markdown(model_name: str, rows: list[dict]) -> str:
     ]
     text = f"**{model_name}**, batch {batch}, medians of {rows[0]['repeats'] if rows else 0} repeats\n\n"
     text += markdown_table(headers, cells, [False] + [True] * 7)
-    for summary in (overhead_summary(rows), module_summary(rows[0].get("module_times", {}) if rows else {})):
-        if summary is not None:
-            text += f"\n\n{summary}"
+    for summary in summaries(rows):
+        text += f"\n\n{summary}"
     return text
 
 

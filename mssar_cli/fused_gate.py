@@ -361,8 +361,8 @@ def supports(branches: Sequence[nn.Module]) -> bool:
 def _weights(stack: _Stack, active: torch.Tensor) -> torch.Tensor:
     """sigmoid(Ω2 · active + b2) of every region, (N, regions, D); ``active`` is
     (L*D' + L, N, regions) with its indicator rows."""
-    units, n, r = active.shape
-    return (active.view(units, n * r).t() @ stack.expand.t()).view(n, r, -1).sigmoid_()
+    depth, n, r = active.shape
+    return (active.view(depth, n * r).t() @ stack.expand.t()).view(n, r, -1).sigmoid_()
 
 
 def _mlp_forward(stack: _Stack, rows: torch.Tensor, for_backward: bool):
