@@ -6,7 +6,7 @@ MSSAR   := $(VENV)/bin/mssar
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 FMNIST  := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test test-slow bench count clean
+.PHONY: setup data demo test test-slow lint format fields bench count clean
 
 setup: $(VENV)/.installed
 
@@ -31,16 +31,29 @@ demo: setup data
 count: setup
 	$(MSSAR) count --paper
 
-test: setup
+# Lint first (seconds), then the tests: CI (.ci/run) runs exactly this.
+test: setup lint
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Regenerate the README's recipe field reference from the schema (a test checks it is current).
+fields: setup
+	$(PY) -m mssar_cli.recipe README.md
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 # Appends to results/bench/*.csv and rewrites results/bench/*.md (about 20 minutes on a 2-core CPU).
 bench: setup
-	$(PY) benchmarks/module_step.py --markdown results/bench/module_step.md
-	$(PY) benchmarks/pipeline.py --markdown results/bench/pipeline.md
+	$(PY) -m benchmarks.module_step --markdown results/bench/module_step.md
+	$(PY) -m benchmarks.pipeline --markdown results/bench/pipeline.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

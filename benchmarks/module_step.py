@@ -1,6 +1,6 @@
 """Training-step time and memory of plain / SE / MS-SAR (fast) / MS-SAR (direct) networks.
 
-    .venv/bin/python benchmarks/module_step.py [--quick] [--device auto|cpu|cuda] [--compile]
+    .venv/bin/python python -m benchmarks.module_step [--quick] [--device auto|cpu|cuda] [--compile]
         [--models resnet56,resnet18] [--csv PATH | --no-csv] [--markdown PATH]
 
 For each model (ResNet-56 on 32x32, batch 128; ResNet-18 on 224x224, batch 64) it builds the
@@ -38,7 +38,6 @@ import gc
 import os
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,26 +45,40 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-
-from bench_common import (
+from benchmarks.common import (
     RESULTS,
+    ROOT,
     append_csv,
     machine_name,
     markdown_table,
     resolve_device,
     write_markdown,
 )
-
 from mssar_cli.models import create_model
-from mssar_cli.recalibration import MSSAR, SqueezeExcitation
+from mssar_cli.recalibration.mssar import MSSAR
+from mssar_cli.recalibration.se import SqueezeExcitation
 
 CSV_PATH = RESULTS / "module_step.csv"
 CSV_COLUMNS = (
-    "date", "machine", "torch", "device", "threads", "precision", "compile", "model", "batch",
-    "variant", "fwd_ms", "bwd_ms", "step_ms", "ratio_to_plain", "paired_ratio", "peak_mem_mb",
-    "mem_ratio_to_plain", "warmup", "repeats",
+    "date",
+    "machine",
+    "torch",
+    "device",
+    "threads",
+    "precision",
+    "compile",
+    "model",
+    "batch",
+    "variant",
+    "fwd_ms",
+    "bwd_ms",
+    "step_ms",
+    "ratio_to_plain",
+    "paired_ratio",
+    "peak_mem_mb",
+    "mem_ratio_to_plain",
+    "warmup",
+    "repeats",
 )
 
 # name -> create_model keyword arguments
@@ -74,6 +87,7 @@ VARIANTS: dict[str, dict] = {
     "se": {"recalibration": "se"},
     "mssar": {"recalibration": "mssar"},
     "mssar-direct": {"recalibration": "mssar", "implementation": "direct"},
+    "mssar-autograd": {"recalibration": "mssar", "implementation": "autograd"},
 }
 
 
@@ -90,8 +104,12 @@ class Workload:
 
 
 WORKLOADS: dict[str, Workload] = {
-    "resnet56": Workload(10, 32, 128, cpu=(3, 21), cpu_quick=(1, 3), cuda=(10, 50), cuda_quick=(3, 5)),
-    "resnet18": Workload(1000, 224, 64, cpu=(1, 5), cpu_quick=(1, 1), cuda=(10, 30), cuda_quick=(3, 5)),
+    "resnet56": Workload(
+        10, 32, 128, cpu=(3, 21), cpu_quick=(1, 3), cuda=(10, 50), cuda_quick=(3, 5)
+    ),
+    "resnet18": Workload(
+        1000, 224, 64, cpu=(1, 5), cpu_quick=(1, 1), cuda=(10, 30), cuda_quick=(3, 5)
+    ),
 }
 
 
@@ -112,7 +130,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(model_name: str, work: Workload, variant: str, device: torch.device, compile_: bool) -> Runner:
+def build(
+    model_name: str, work: Workload, variant: str, device: torch.device, compile_: bool
+) -> Runner:
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=work.num_classes, **VARIANTS[variant])
     model = model.to(device).train()
@@ -126,7 +146,9 @@ def build(model_name: str, work: Workload, variant: str, device: torch.device, c
     return Runner(variant, model, optimizer)
 
 
-def step(runner: Runner, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[float, float, float]:
+def step(
+    runner: Runner, x: torch.Tensor, y: torch.Tensor, device: torch.device
+) -> tuple[float, float, float]:
     """One training step; returns (forward, backward, optimizer) seconds."""
     sync(device)
     t0 = time.perf_counter()
@@ -208,7 +230,7 @@ def module_times(
 ) -> dict[str, list[tuple[float, float]]]:
     """(forward, backward) seconds per step inside the recalibration modules of the SE and
     MS-SAR runners, over ``rounds`` more interleaved steps with :class:`ModuleClock` attached."""
-    runners = [r for r in runners if r.name in ("se", "mssar")]
+    runners = [r for r in runners if r.name in ("se", "mssar", "mssar-autograd")]
     clocks = {r.name: ModuleClock(r.model, device) for r in runners}
     times: dict[str, list[tuple[float, float]]] = {r.name: [] for r in runners}
     try:
@@ -260,13 +282,15 @@ def module_summary(times: dict[str, list[tuple[float, float]]]) -> str | None:
     for name, label in (("se", "SE"), ("mssar", "MS-SAR")):
         fwd, bwd = zip(*times[name])
         total = [f + b for f, b in times[name]]
-        parts.append(f"{label} {median_ms(total):.1f} ms per step (forward {median_ms(fwd):.1f}, "
-                     f"backward {median_ms(bwd):.1f})")
-    text = (f"Inside the recalibration modules ({len(times['se'])} more interleaved steps, "
-            f"hooks): " + ", ".join(parts))
-    interval = ratio_interval(
-        [f + b for f, b in times["mssar"]], [f + b for f, b in times["se"]]
+        parts.append(
+            f"{label} {median_ms(total):.1f} ms per step (forward {median_ms(fwd):.1f}, "
+            f"backward {median_ms(bwd):.1f})"
+        )
+    text = (
+        f"Inside the recalibration modules ({len(times['se'])} more interleaved steps, "
+        f"hooks): " + ", ".join(parts)
     )
+    interval = ratio_interval([f + b for f, b in times["mssar"]], [f + b for f, b in times["se"]])
     if interval is not None:
         estimate, low, high = interval
         text += f"; MS-SAR / SE {estimate:.2f} (95% bootstrap interval {low:.2f}-{high:.2f})"
@@ -380,20 +404,22 @@ def run_model(model_name: str, args: argparse.Namespace, device: torch.device) -
     rows = []
     for r in runners:
         step_ms = median_ms(r.total)
-        rows.append({
-            "model": model_name,
-            "batch": batch,
-            "variant": r.name,
-            "fwd_ms": median_ms(r.fwd),
-            "bwd_ms": median_ms(r.bwd),
-            "step_ms": step_ms,
-            "ratio_to_plain": step_ms / median_ms(base.total) if base else float("nan"),
-            "peak_mem_mb": r.peak_bytes / 2**20,
-            "mem_ratio_to_plain": r.peak_bytes / base.peak_bytes if base else float("nan"),
-            "paired_ratio": float("nan"),
-            "warmup": warmup,
-            "repeats": repeats,
-        })
+        rows.append(
+            {
+                "model": model_name,
+                "batch": batch,
+                "variant": r.name,
+                "fwd_ms": median_ms(r.fwd),
+                "bwd_ms": median_ms(r.bwd),
+                "step_ms": step_ms,
+                "ratio_to_plain": step_ms / median_ms(base.total) if base else float("nan"),
+                "peak_mem_mb": r.peak_bytes / 2**20,
+                "mem_ratio_to_plain": r.peak_bytes / base.peak_bytes if base else float("nan"),
+                "paired_ratio": float("nan"),
+                "warmup": warmup,
+                "repeats": repeats,
+            }
+        )
     # paired per-repeat ratios are less sensitive to slow drifts in load than ratios of medians
     if base:
         for row, r in zip(rows, runners):
@@ -406,6 +432,7 @@ def run_model(model_name: str, args: argparse.Namespace, device: torch.device) -
             row["overhead_interval"] = interval
     for row in rows:
         row["module_times"] = times
+        row["step_totals"] = {r.name: list(r.total) for r in runners}
     del runners
     gc.collect()
     if device.type == "cuda":
@@ -451,15 +478,46 @@ def overhead_summary(rows: list[dict]) -> str | None:
     text = "MS-SAR overhead / SE overhead: "
     if interval is not None:
         estimate, low, high = interval
-        text += (f"{estimate:.2f} (median paired differences, 95% bootstrap interval "
-                 f"{low:.2f}-{high:.2f}), ")
+        text += (
+            f"{estimate:.2f} (median paired differences, 95% bootstrap interval "
+            f"{low:.2f}-{high:.2f}), "
+        )
     return text + f"{ratio:.2f} (ratio of medians); goal <= 1.5"
 
 
 def summaries(rows: list[dict]) -> list[str]:
-    """The lines printed under a model's table: the overhead ratio and the time inside the modules."""
+    """The lines printed under a model's table: the overhead ratio, the time inside the modules
+    and what the hand-written backward buys."""
     times = rows[0].get("module_times", {}) if rows else {}
-    return [line for line in (overhead_summary(rows), module_summary(times)) if line is not None]
+    lines = (overhead_summary(rows), module_summary(times), handwritten_summary(rows))
+    return [line for line in lines if line is not None]
+
+
+def handwritten_summary(rows: list[dict]) -> str | None:
+    """What the hand-written backward (``mssar``) buys over autograd's (``mssar-autograd``):
+    per-round ratios of whole steps and of the time inside the modules, with bootstrap intervals."""
+    totals = rows[0].get("step_totals", {}) if rows else {}
+    if not {"mssar", "mssar-autograd"} <= totals.keys():
+        return None
+    text = "Hand-written / autograd backward, whole step: "
+    interval = ratio_interval(totals["mssar"], totals["mssar-autograd"])
+    if interval is None:
+        return None
+    estimate, low, high = interval
+    text += f"{estimate:.3f} (95% bootstrap interval {low:.3f}-{high:.3f})"
+    times = rows[0].get("module_times", {})
+    if {"mssar", "mssar-autograd"} <= times.keys():
+        module = ratio_interval(
+            [f + b for f, b in times["mssar"]], [f + b for f, b in times["mssar-autograd"]]
+        )
+        fused = median_ms([f + b for f, b in times["mssar"]])
+        auto = median_ms([f + b for f, b in times["mssar-autograd"]])
+        if module is not None:
+            text += (
+                f"; inside the modules {fused:.1f} against {auto:.1f} ms per step, "
+                f"{module[0]:.3f} ({module[1]:.3f}-{module[2]:.3f})"
+            )
+    return text
 
 
 def overhead_ratio(rows: list[dict], key: str = "ratio_to_plain") -> float | None:
@@ -479,15 +537,29 @@ def print_table(model_name: str, rows: list[dict], header: str) -> None:
             print(row)
         return
     table = Table(title=f"{model_name} training step ({header})")
-    for col in ("variant", "fwd ms", "bwd ms", "step ms", "x plain", "paired x plain",
-                "peak MB", "mem x plain"):
-        table.add_column(col, justify="left" if col == "variant" else "right",
-                         no_wrap=col == "variant")
+    for col in (
+        "variant",
+        "fwd ms",
+        "bwd ms",
+        "step ms",
+        "x plain",
+        "paired x plain",
+        "peak MB",
+        "mem x plain",
+    ):
+        table.add_column(
+            col, justify="left" if col == "variant" else "right", no_wrap=col == "variant"
+        )
     for row in rows:
         table.add_row(
-            row["variant"], f"{row['fwd_ms']:.1f}", f"{row['bwd_ms']:.1f}", f"{row['step_ms']:.1f}",
-            f"{row['ratio_to_plain']:.3f}", f"{row['paired_ratio']:.3f}",
-            f"{row['peak_mem_mb']:.1f}", f"{row['mem_ratio_to_plain']:.3f}",
+            row["variant"],
+            f"{row['fwd_ms']:.1f}",
+            f"{row['bwd_ms']:.1f}",
+            f"{row['step_ms']:.1f}",
+            f"{row['ratio_to_plain']:.3f}",
+            f"{row['paired_ratio']:.3f}",
+            f"{row['peak_mem_mb']:.1f}",
+            f"{row['mem_ratio_to_plain']:.3f}",
         )
     console = Console()
     console.print(table)
@@ -510,15 +582,31 @@ def csv_rows(rows: list[dict], common: dict) -> list[dict]:
 def markdown(model_name: str, rows: list[dict]) -> str:
     """The summary table of one model, as Markdown."""
     batch = rows[0]["batch"] if rows else "?"
-    headers = ("variant", "fwd ms", "bwd ms", "step ms", "x plain", "paired x plain", "peak MB",
-               "mem x plain")
+    headers = (
+        "variant",
+        "fwd ms",
+        "bwd ms",
+        "step ms",
+        "x plain",
+        "paired x plain",
+        "peak MB",
+        "mem x plain",
+    )
     cells = [
-        (r["variant"], f"{r['fwd_ms']:.1f}", f"{r['bwd_ms']:.1f}", f"{r['step_ms']:.1f}",
-         f"{r['ratio_to_plain']:.3f}", f"{r['paired_ratio']:.3f}", f"{r['peak_mem_mb']:.1f}",
-         f"{r['mem_ratio_to_plain']:.3f}")
+        (
+            r["variant"],
+            f"{r['fwd_ms']:.1f}",
+            f"{r['bwd_ms']:.1f}",
+            f"{r['step_ms']:.1f}",
+            f"{r['ratio_to_plain']:.3f}",
+            f"{r['paired_ratio']:.3f}",
+            f"{r['peak_mem_mb']:.1f}",
+            f"{r['mem_ratio_to_plain']:.3f}",
+        )
         for r in rows
     ]
-    text = f"**{model_name}**, batch {batch}, medians of {rows[0]['repeats'] if rows else 0} repeats\n\n"
+    repeats = rows[0]["repeats"] if rows else 0
+    text = f"**{model_name}**, batch {batch}, medians of {repeats} repeats\n\n"
     text += markdown_table(headers, cells, [False] + [True] * 7)
     for summary in summaries(rows):
         text += f"\n\n{summary}"
@@ -528,22 +616,40 @@ def markdown(model_name: str, rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repeats, for smoke use")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: cuda when a GPU is present, else cpu")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda when a GPU is present, else cpu",
+    )
     parser.add_argument("--compile", action="store_true", help="apply torch.compile to each model")
-    parser.add_argument("--models", default="resnet56,resnet18",
-                        help=f"comma-separated subset of {','.join(WORKLOADS)}")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)}")
-    parser.add_argument("--repeats", type=int, help="timed steps per variant (overrides the default)")
-    parser.add_argument("--warmup", type=int, help="warm-up steps per variant (overrides the default)")
+    parser.add_argument(
+        "--models",
+        default="resnet56,resnet18",
+        help=f"comma-separated subset of {','.join(WORKLOADS)}",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)}",
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="timed steps per variant (overrides the default)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, help="warm-up steps per variant (overrides the default)"
+    )
     parser.add_argument("--batch", type=int, help="batch size (overrides the model's default)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (CPU)")
-    parser.add_argument("--csv", type=Path,
-                        help=f"CSV to append rows to (default {CSV_PATH.relative_to(ROOT)}; "
-                             "none with --quick)")
+    parser.add_argument(
+        "--csv",
+        type=Path,
+        help=f"CSV to append rows to (default {CSV_PATH.relative_to(ROOT)}; none with --quick)",
+    )
     parser.add_argument("--no-csv", action="store_true", help="do not append to the CSV")
-    parser.add_argument("--markdown", type=Path, help="also write the summary tables to this Markdown file")
+    parser.add_argument(
+        "--markdown", type=Path, help="also write the summary tables to this Markdown file"
+    )
     parser.add_argument("--quiet", action="store_true", help="no per-repeat lines")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -574,7 +680,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     header = (
         f"{common['machine']}, torch {common['torch']}, {device.type}"
-        + (f", {args.threads} threads" if device.type == "cpu" else ", bf16 autocast, channels_last")
+        + (
+            f", {args.threads} threads"
+            if device.type == "cpu"
+            else ", bf16 autocast, channels_last"
+        )
         + (", torch.compile" if args.compile else "")
         + (" [--quick: smoke settings, not a measurement]" if args.quick else "")
     )

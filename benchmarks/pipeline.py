@@ -1,6 +1,6 @@
 """Images/s of ResNet-20 MS-SAR training: the device-resident pipeline against a DataLoader.
 
-    .venv/bin/python benchmarks/pipeline.py [--quick] [--device auto|cpu|cuda] [--compile]
+    python -m benchmarks.pipeline.py [--quick] [--device auto|cpu|cuda] [--compile]
         [--dataset synthetic|fashion-mnist|cifar10|cifar100] [--batches N] [--epochs E]
         [--repeats R] [--workers N] [--csv PATH | --no-csv] [--markdown PATH]
 
@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,18 +48,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-
-from bench_common import (
+from benchmarks.common import (
     RESULTS,
+    ROOT,
     append_csv,
     machine_name,
     markdown_table,
     resolve_device,
     write_markdown,
 )
-
 from mssar_cli.data import CROP_PADDING, NORMALISATION, DeviceLoader
 from mssar_cli.distributed import World
 from mssar_cli.engine import Session, build_model, build_session, train_one_epoch
@@ -69,10 +65,32 @@ from mssar_cli.recipe import from_dict
 
 CSV_PATH = RESULTS / "pipeline.csv"
 CSV_COLUMNS = (
-    "date", "machine", "torch", "device", "threads", "dataset", "model", "recalibration", "batch",
-    "pipeline", "precision", "channels_last", "compile", "workers", "images_per_run",
-    "batches_per_run", "epochs_per_run", "warmup_epochs", "repeats", "images_per_s",
-    "images_per_s_min", "images_per_s_max", "ratio", "paired_ratio", "goal", "goal_met",
+    "date",
+    "machine",
+    "torch",
+    "device",
+    "threads",
+    "dataset",
+    "model",
+    "recalibration",
+    "batch",
+    "pipeline",
+    "precision",
+    "channels_last",
+    "compile",
+    "workers",
+    "images_per_run",
+    "batches_per_run",
+    "epochs_per_run",
+    "warmup_epochs",
+    "repeats",
+    "images_per_s",
+    "images_per_s_min",
+    "images_per_s_max",
+    "ratio",
+    "paired_ratio",
+    "goal",
+    "goal_met",
 )
 MODEL, RECALIBRATION = "resnet20", "mssar"
 DATASETS = ("synthetic", "fashion-mnist", "cifar10", "cifar100")
@@ -128,41 +146,53 @@ def sync(device: torch.device) -> None:
 
 def device_session(args: argparse.Namespace, device: torch.device) -> Session:
     """The engine's session for ResNet-20 MS-SAR, built as ``mssar train`` builds it."""
-    recipe = from_dict({
-        "experiment": "bench-pipeline",
-        "model": {"name": MODEL, "recalibration": RECALIBRATION},
-        "data": {
-            "dataset": args.dataset, "root": args.root, "batch_size": args.batch,
-            "subset": args.batches * args.batch if args.batches else None,
-            "test_subset": 1, "augment": True,
-        },
-        "run": {
-            "device": device.type, "precision": "auto", "channels_last": device.type == "cuda",
-            "compile": args.compile, "threads": args.threads,
-        },
-    })
+    recipe = from_dict(
+        {
+            "experiment": "bench-pipeline",
+            "model": {"name": MODEL, "recalibration": RECALIBRATION},
+            "data": {
+                "dataset": args.dataset,
+                "root": args.root,
+                "batch_size": args.batch,
+                "subset": args.batches * args.batch if args.batches else None,
+                "test_subset": 1,
+                "augment": True,
+            },
+            "run": {
+                "device": device.type,
+                "precision": "auto",
+                "channels_last": device.type == "cuda",
+                "compile": args.compile,
+                "threads": args.threads,
+            },
+        }
+    )
     return build_session(recipe, SEED, device, World())
 
 
 def dataloader_pipeline(
     session: Session, args: argparse.Namespace, device: torch.device
 ) -> tuple[Pipeline, int]:
-    """The reference: torchvision transforms + DataLoader + eager fp32, on the device path's images."""
+    """The reference: torchvision transforms + DataLoader + eager fp32, on the same images."""
     from torchvision import transforms as T
 
     loader: DeviceLoader = session.train_loader
     # the exact uint8 images and labels the device path trains on (stored zero-padded there)
     pad = CROP_PADDING if loader.augment else 0
-    images = loader.images[..., pad : loader.images.shape[-2] - pad, pad : loader.images.shape[-1] - pad]
+    images = loader.images[
+        ..., pad : loader.images.shape[-2] - pad, pad : loader.images.shape[-1] - pad
+    ]
     images, labels = images.cpu(), loader.labels.cpu()
     assert images.shape[-1] == loader.image_size == 32, images.shape
     mean, std = NORMALISATION[args.dataset]
-    transform = T.Compose([
-        T.RandomCrop(32, padding=CROP_PADDING),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    transform = T.Compose(
+        [
+            T.RandomCrop(32, padding=CROP_PADDING),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
     data = torch.utils.data.DataLoader(
         UInt8Images(images, labels, transform),
         batch_size=args.batch,
@@ -176,7 +206,10 @@ def dataloader_pipeline(
     model = build_model(session.recipe, session.info).to(device)
     opt = session.optimizer.defaults
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"],
+        model.parameters(),
+        lr=opt["lr"],
+        momentum=opt["momentum"],
+        nesterov=opt["nesterov"],
         weight_decay=opt["weight_decay"],
     )
 
@@ -192,11 +225,13 @@ def dataloader_pipeline(
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
-                    totals += torch.stack([
-                        loss.detach().double() * y.numel(),
-                        (logits.argmax(1) != y).sum().double(),
-                        torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
-                    ])
+                    totals += torch.stack(
+                        [
+                            loss.detach().double() * y.numel(),
+                            (logits.argmax(1) != y).sum().double(),
+                            torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
+                        ]
+                    )
         return int(totals.tolist()[2])  # syncs the device
 
     describe = f"DataLoader ({args.workers} workers) + torchvision transforms, eager fp32"
@@ -216,7 +251,9 @@ def device_pipeline(session: Session, device: torch.device, args: argparse.Names
         return seen
 
     mode = "bf16 autocast, channels_last" if device.type == "cuda" else "fp32"
-    describe = f"DeviceLoader + engine.train_one_epoch, {mode}" + (", compiled" if args.compile else "")
+    describe = f"DeviceLoader + engine.train_one_epoch, {mode}" + (
+        ", compiled" if args.compile else ""
+    )
     return Pipeline("device", describe, run)
 
 
@@ -237,19 +274,28 @@ def summarise(pipelines: list[Pipeline], device: torch.device) -> dict:
 
 
 def goal_line(s: dict, device: torch.device) -> str:
-    where = "GPU goal: device >= 5x dataloader" if device.type == "cuda" else (
-        "CPU goal: device not slower than dataloader (>= 1.0x)")
+    where = (
+        "GPU goal: device >= 5x dataloader"
+        if device.type == "cuda"
+        else ("CPU goal: device not slower than dataloader (>= 1.0x)")
+    )
     verdict = "met" if s["met"] else "NOT met"
-    return (f"device / dataloader: {s['ratio']:.2f}x (medians), {s['paired']:.2f}x (paired); "
-            f"{where}: {verdict}")
+    return (
+        f"device / dataloader: {s['ratio']:.2f}x (medians), {s['paired']:.2f}x (paired); "
+        f"{where}: {verdict}"
+    )
 
 
 def table_cells(pipelines: list[Pipeline]) -> list[tuple[str, ...]]:
     ref = statistics.median(pipelines[1].images_per_s)
     return [
-        (p.name, p.describe, f"{statistics.median(p.images_per_s):,.0f}",
-         f"{min(p.images_per_s):,.0f}-{max(p.images_per_s):,.0f}",
-         f"{statistics.median(p.images_per_s) / ref:.2f}x")
+        (
+            p.name,
+            p.describe,
+            f"{statistics.median(p.images_per_s):,.0f}",
+            f"{min(p.images_per_s):,.0f}-{max(p.images_per_s):,.0f}",
+            f"{statistics.median(p.images_per_s) / ref:.2f}x",
+        )
         for p in pipelines
     ]
 
@@ -283,27 +329,42 @@ def print_table(pipelines: list[Pipeline], title: str, s: dict, device: torch.de
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 batches, 2 repeats: a smoke run")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: cuda when a GPU is present, else cpu")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda when a GPU is present, else cpu",
+    )
     parser.add_argument("--dataset", choices=DATASETS, default="synthetic")
     parser.add_argument("--root", default="data", help="dataset root (as data.root in a recipe)")
     parser.add_argument("--batch", type=int, default=128, help="batch size")
-    parser.add_argument("--batches", type=int,
-                        help="batches per epoch: train on a fixed subset of BATCHES x batch images "
-                             "(default: the whole split; 30 for real data on CPU)")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        help="batches per epoch: train on a fixed subset of BATCHES x batch images "
+        "(default: the whole split; 30 for real data on CPU)",
+    )
     parser.add_argument("--epochs", type=int, help="epochs per timed run")
     parser.add_argument("--repeats", type=int, help="timed runs per pipeline")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs per pipeline first")
-    parser.add_argument("--workers", type=int,
-                        help="DataLoader worker processes (default: 8 on GPU, 2 on CPU)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the device pipeline's model (the engine's run.compile)")
+    parser.add_argument(
+        "--workers", type=int, help="DataLoader worker processes (default: 8 on GPU, 2 on CPU)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the device pipeline's model (the engine's run.compile)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--csv", type=Path,
-                        help=f"CSV to append to (default {CSV_PATH.relative_to(ROOT)}; "
-                             "none with --quick)")
+    parser.add_argument(
+        "--csv",
+        type=Path,
+        help=f"CSV to append to (default {CSV_PATH.relative_to(ROOT)}; none with --quick)",
+    )
     parser.add_argument("--no-csv", action="store_true", help="do not append to a CSV")
-    parser.add_argument("--markdown", type=Path, help="also write the summary to this Markdown file")
+    parser.add_argument(
+        "--markdown", type=Path, help="also write the summary to this Markdown file"
+    )
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -342,7 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(title, flush=True)
     print(
-        f"{args.warmup} warm-up epoch(s), then {args.repeats} alternated timed runs per pipeline of "
+        f"{args.warmup} warm-up epoch(s), then {args.repeats} alternated timed runs per pipeline "
+        "of "
         f"{args.epochs} epoch(s) x {batches} batches ({per_epoch} images per epoch)",
         flush=True,
     )
@@ -375,29 +437,41 @@ def main(argv: list[str] | None = None) -> None:
     if csv_path:
         ref = statistics.median(pipelines[1].images_per_s)
         common = {
-            "date": date, "machine": machine, "torch": torch.__version__, "device": device.type,
-            "threads": torch.get_num_threads(), "dataset": args.dataset, "model": MODEL,
-            "recalibration": RECALIBRATION, "batch": args.batch, "batches_per_run":
-            args.epochs * batches, "epochs_per_run": args.epochs, "warmup_epochs": args.warmup,
-            "repeats": args.repeats, "goal": s["goal"], "goal_met": s["met"],
+            "date": date,
+            "machine": machine,
+            "torch": torch.__version__,
+            "device": device.type,
+            "threads": torch.get_num_threads(),
+            "dataset": args.dataset,
+            "model": MODEL,
+            "recalibration": RECALIBRATION,
+            "batch": args.batch,
+            "batches_per_run": args.epochs * batches,
+            "epochs_per_run": args.epochs,
+            "warmup_epochs": args.warmup,
+            "repeats": args.repeats,
+            "goal": s["goal"],
+            "goal_met": s["met"],
         }
         rows = []
         for p, is_device in zip(pipelines, (True, False)):
             median = statistics.median(p.images_per_s)
-            rows.append({
-                **common,
-                "pipeline": p.name,
-                "precision": "bf16-autocast" if is_device and device.type == "cuda" else "fp32",
-                "channels_last": is_device and device.type == "cuda",
-                "compile": is_device and args.compile,
-                "workers": 0 if is_device else args.workers,
-                "images_per_run": args.epochs * (per_epoch if is_device else ref_images),
-                "images_per_s": f"{median:.1f}",
-                "images_per_s_min": f"{min(p.images_per_s):.1f}",
-                "images_per_s_max": f"{max(p.images_per_s):.1f}",
-                "ratio": f"{median / ref:.4f}",
-                "paired_ratio": f"{s['paired']:.4f}" if is_device else "1.0000",
-            })
+            rows.append(
+                {
+                    **common,
+                    "pipeline": p.name,
+                    "precision": "bf16-autocast" if is_device and device.type == "cuda" else "fp32",
+                    "channels_last": is_device and device.type == "cuda",
+                    "compile": is_device and args.compile,
+                    "workers": 0 if is_device else args.workers,
+                    "images_per_run": args.epochs * (per_epoch if is_device else ref_images),
+                    "images_per_s": f"{median:.1f}",
+                    "images_per_s_min": f"{min(p.images_per_s):.1f}",
+                    "images_per_s_max": f"{max(p.images_per_s):.1f}",
+                    "ratio": f"{median / ref:.4f}",
+                    "paired_ratio": f"{s['paired']:.4f}" if is_device else "1.0000",
+                }
+            )
         append_csv(csv_path, CSV_COLUMNS, rows)
         print(f"appended to {csv_path}")
     elif args.quick and not args.no_csv:

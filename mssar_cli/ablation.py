@@ -1,21 +1,15 @@
-"""Ablation grids (paper §4.2, Table 3): expand a base recipe into runs, and run what is missing.
+"""Ablation grids (paper §4.2, Table 3): expand a base recipe into the runs of a grid.
 
 Every cell is the base recipe plus ``--set`` overrides and its own experiment name
-``<base>--<kind>-<label>``, so each lands in its own run directory. Each run is a separate
-``mssar train --resume`` process: finished runs are skipped without starting one, interrupted
-runs continue from their last checkpoint, so re-running an ablation after a crash finishes only
-what is missing.
+``<base>--<kind>-<label>``, so each lands in its own run directory. This module only plans:
+:mod:`mssar_cli.launch` starts each run as a separate ``mssar train --resume`` process (here or
+on a Slurm cluster), skipping finished runs and continuing interrupted ones from their last
+checkpoint, so re-running an ablation after a crash finishes only what is missing.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +17,12 @@ import yaml
 
 from mssar_cli import runs
 from mssar_cli.errors import MssarError
-from mssar_cli.models import MODELS
-from mssar_cli.recipe import Recipe, apply_override, from_dict, load
+from mssar_cli.models import MODELS, STAGES
+from mssar_cli.recalibration import RECALIBRATIONS
+from mssar_cli.recipe import MODULE_KEYS, Recipe, choices, load, with_overrides
 
 SCALE_SETS = ((1,), (2,), (4,), (1, 2), (1, 4), (2, 4), (1, 2, 4))  # Table 3's rows
 KINDS = ("scales", "strategy", "stage", "recalibration", "grid")
-MSSAR_ONLY = ("model.scales", "model.strategy")
 
 
 @dataclass(frozen=True)
@@ -51,6 +45,11 @@ class PlannedRun:
         return self.recipe.run_dir()
 
     @property
+    def log_path(self) -> Path:
+        """Where a launcher writes the run's output: ``results/<dataset>/logs/``."""
+        return self.run_dir.parent.parent / "logs" / f"{self.recipe.experiment}-seed{self.seed}.log"
+
+    @property
     def status(self) -> str:
         if runs.is_finished(self.run_dir):
             return "finished"
@@ -60,44 +59,46 @@ class PlannedRun:
 
 
 def _set(key: str, value) -> str:
-    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+    text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return f"{key}={text}"
 
 
 def kind_cells(kind: str, base: Recipe) -> list[Cell]:
-    """The paper's grids: Table 3's scale sets, regional vs sliding, single vs multi-stage, none/SE/MS-SAR."""
+    """The paper's grids (§4.2): Table 3's scale sets, regional vs sliding, single vs multi-stage,
+    and every registered recalibration module against the plain network."""
     if kind == "scales":
-        cells = [Cell("none", _none_overrides())]
+        cells = [_module_cell("none")]
         for scales in SCALE_SETS:
             label = "_".join(map(str, scales))
-            cells.append(Cell(label, (_set("model.recalibration", "mssar"), _set("model.scales", list(scales)))))
+            cells.append(
+                Cell(label, (*_module_cell("mssar").overrides, _set("model.scales", list(scales))))
+            )
         return cells
     if kind == "strategy":
-        return [
-            Cell(s, (_set("model.recalibration", "mssar"), _set("model.strategy", s)))
-            for s in ("regional", "sliding")
-        ]
+        mssar = _module_cell("mssar").overrides
+        return [Cell(s, (*mssar, _set("model.strategy", s))) for s in choices("model.strategy")]
     if kind == "stage":
         if not MODELS[base.model.name].is_densenet:
-            raise MssarError(f"{base.source}: model.name: the stage ablation needs a DenseNet, not {base.model.name}")
+            raise MssarError(
+                f"{base.source}: model.name: the stage ablation needs a DenseNet, "
+                f"not {base.model.name}"
+            )
         recal = base.model.recalibration if base.model.recalibration != "none" else "mssar"
-        return [Cell(s, (_set("model.recalibration", recal), _set("model.stage", s))) for s in ("single", "multi")]
-    if kind == "recalibration":
         return [
-            Cell("none", _none_overrides()),
-            Cell("se", (_set("model.recalibration", "se"), *_unset(MSSAR_ONLY))),
-            Cell("mssar", (_set("model.recalibration", "mssar"),)),
+            Cell(s, (_set("model.recalibration", recal), _set("model.stage", s))) for s in STAGES
         ]
+    if kind == "recalibration":
+        return [_module_cell(name) for name in RECALIBRATIONS]
     if kind == "grid":
         return [Cell("base", ())]
     raise MssarError(f"ablation kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
-def _unset(keys) -> tuple[str, ...]:
-    return tuple(f"{key}=null" for key in keys)
-
-
-def _none_overrides() -> tuple[str, ...]:
-    return (_set("model.recalibration", "none"), *_unset((*MSSAR_ONLY, "model.reduction")))
+def _module_cell(name: str) -> Cell:
+    """The cell of recalibration module ``name``: the options it does not take are unset."""
+    takes = RECALIBRATIONS[name].options
+    unset = [f"model.{key}=null" for key in MODULE_KEYS if key not in takes]
+    return Cell(name, (_set("model.recalibration", name), *unset))
 
 
 def parse_grid(items: list[str], source: str) -> list[list[Cell]]:
@@ -148,90 +149,23 @@ def plan(
     if kind == "grid" and not grid:
         raise MssarError("mssar ablate grid needs at least one --grid KEY=V1,V2")
     axes = [kind_cells(kind, base), *parse_grid(grid, base.source)]
-    base_raw = yaml.safe_load(Path(recipe_path).read_text()) or {}
-    base_raw.setdefault("experiment", Path(recipe_path).stem)
     planned = []
     for combo in itertools.product(*axes):
         labels = [c.label for c in combo if c.label != "base"]
         cell_overrides = tuple(o for c in combo for o in c.overrides)
-        name = f"{base.experiment}--{kind}-{'-'.join(labels)}" if labels else f"{base.experiment}--{kind}"
+        name = (
+            f"{base.experiment}--{kind}-{'-'.join(labels)}"
+            if labels
+            else f"{base.experiment}--{kind}"
+        )
         cell = Cell("-".join(labels) or "base", cell_overrides)
         for i in range(seeds):
             seed = base.run.seed + i
-            all_overrides = (*overrides, *cell_overrides, f"experiment={name}", f"run.seed={seed}")
-            raw = yaml.safe_load(yaml.safe_dump(base_raw))
-            for item in all_overrides:
-                apply_override(raw, item, base.source)
-            recipe = from_dict(raw, f"{base.source} [{cell.label}]")
+            run_overrides = (*cell_overrides, f"experiment={name}", f"run.seed={seed}")
+            recipe = with_overrides(base, run_overrides, f"{base.source} [{cell.label}]")
+            all_overrides = (*overrides, *run_overrides)
             planned.append(PlannedRun(cell, seed, recipe, all_overrides))
     return planned
-
-
-@dataclass
-class Outcome:
-    run: PlannedRun
-    returncode: int
-    seconds: float
-    log_tail: str
-
-
-def train_command(run: PlannedRun, recipe_path: str, threads: int | None) -> list[str]:
-    command = [sys.executable, "-m", "mssar_cli", "train", recipe_path, "--resume", "--quiet"]
-    for item in run.overrides:
-        command += ["--set", item]
-    if threads is not None and run.recipe.run.threads is None:
-        command += ["--set", f"run.threads={threads}"]
-    return command
-
-
-def execute(
-    planned: list[PlannedRun],
-    recipe_path: str,
-    jobs: int,
-    on_done: Callable[[Outcome], None],
-    on_start: Callable[[PlannedRun], None] | None = None,
-) -> list[Outcome]:
-    """Run every run that is not finished, ``jobs`` at a time, each in its own process."""
-    if jobs < 1:
-        raise MssarError(f"--jobs: expected at least 1, got {jobs}")
-    todo = [run for run in planned if run.status != "finished"]
-    on_cpu = all(run.recipe.run.device == "cpu" or not _has_cuda() for run in todo)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if on_cpu and jobs > 1 else None
-    outcomes: list[Outcome] = []
-
-    def one(run: PlannedRun) -> Outcome:
-        start = time.perf_counter()
-        log_dir = run.run_dir.parent.parent / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = log_dir / f"{run.recipe.experiment}-seed{run.seed}.log"
-        with open(log_path, "a") as log:
-            process = subprocess.run(
-                train_command(run, recipe_path, threads), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        tail = "\n".join(log_path.read_text().splitlines()[-3:])
-        return Outcome(run, process.returncode, time.perf_counter() - start, tail)
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        pending: set[Future] = set()
-        queue = list(todo)
-        while queue or pending:
-            while queue and len(pending) < jobs:
-                run = queue.pop(0)
-                if on_start:
-                    on_start(run)
-                pending.add(pool.submit(one, run))
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                outcome = future.result()
-                outcomes.append(outcome)
-                on_done(outcome)
-    return outcomes
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def summary_frame(planned: list[PlannedRun]):
@@ -244,12 +178,20 @@ def summary_frame(planned: list[PlannedRun]):
         err = None
         if runs.is_finished(run.run_dir):
             err = runs.read_json(summary_path)["final"]["test_err"]
-        records.append({"cell": run.cell.label, "experiment": run.recipe.experiment, "seed": run.seed, "test_err": err})
+        records.append(
+            {
+                "cell": run.cell.label,
+                "experiment": run.recipe.experiment,
+                "seed": run.seed,
+                "test_err": err,
+            }
+        )
     frame = pd.DataFrame.from_records(records)
     grouped = frame.groupby(["cell", "experiment"], sort=False)["test_err"]
     out = grouped.agg(["count", "size", "mean", "std"]).reset_index()
     out["final test error %"] = [
-        "—" if n == 0 else (f"{m:.2f}" if n == 1 else f"{m:.2f} ± {s:.2f}") for n, m, s in zip(out["count"], out["mean"], out["std"])
+        "—" if n == 0 else (f"{m:.2f}" if n == 1 else f"{m:.2f} ± {s:.2f}")
+        for n, m, s in zip(out["count"], out["mean"], out["std"])
     ]
     out["finished"] = [f"{c}/{n}" for c, n in zip(out["count"], out["size"])]
     return out[["cell", "experiment", "finished", "final test error %"]]

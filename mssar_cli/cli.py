@@ -1,7 +1,8 @@
 """The ``mssar`` command: thin Typer commands that parse options, call the library, print with Rich.
 
-User errors (``MssarError``, or a ``ValueError`` from building a model) end in one line on
-stderr and exit code 2; ``mssar --debug ...`` shows the traceback instead.
+User errors (``MssarError``: a bad recipe, missing data, an impossible option, a model that
+cannot be built as asked) end in one line on stderr and exit code 2; ``mssar --debug ...``
+shows the traceback instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mssar_cli.errors import MssarError
-from mssar_cli.tables import FORMATS, emit, output_console
+from mssar_cli.errors import MssarError, RunStopped
+from mssar_cli.recalibration import PLAIN, RECALIBRATIONS, check_options
+from mssar_cli.report.command import report
+from mssar_cli.report.render import FORMATS, emit, output_console
 
 app = typer.Typer(
     name="mssar",
@@ -47,7 +50,10 @@ def user_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (MssarError, ValueError) as error:
+        except RunStopped as stopped:  # asked for (a signal), not an error
+            typer.echo(f"mssar: {stopped}", err=True)
+            raise typer.Exit(stopped.exit_code) from None
+        except MssarError as error:
             if STATE["debug"]:
                 raise
             raise fail(str(error), getattr(error, "exit_code", 2)) from None
@@ -65,7 +71,9 @@ def _parse_scales(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise MssarError(f"--scales expects comma-separated integers such as 1,2,4, got {text!r}") from None
+        raise MssarError(
+            f"--scales expects comma-separated integers such as 1,2,4, got {text!r}"
+        ) from None
 
 
 def _check_format(fmt: str) -> None:
@@ -77,13 +85,19 @@ def _check_format(fmt: str) -> None:
 @user_errors
 def count(
     model: Annotated[str | None, typer.Argument(help="Network name (see --list).")] = None,
-    recalibration: Annotated[str, typer.Option(help="none | se | mssar")] = "mssar",
+    recalibration: Annotated[str, typer.Option(help=" | ".join(RECALIBRATIONS))] = "mssar",
     scales: Annotated[str | None, typer.Option(help="MS-SAR scale set, e.g. 1,2,4.")] = None,
     strategy: Annotated[str | None, typer.Option(help="regional | sliding")] = None,
-    reduction: Annotated[float | None, typer.Option(help="Total MLP width is D / reduction.")] = None,
+    reduction: Annotated[
+        float | None, typer.Option(help="Total MLP width is D / reduction.")
+    ] = None,
     stage: Annotated[str | None, typer.Option(help="single | multi (DenseNets).")] = None,
-    num_classes: Annotated[int | None, typer.Option(help="Classifier outputs (default 10 or 1000).")] = None,
-    paper: Annotated[bool, typer.Option("--paper", help="Every row of Tables 2 and 5, paper beside ours.")] = False,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Classifier outputs (default 10 or 1000).")
+    ] = None,
+    paper: Annotated[
+        bool, typer.Option("--paper", help="Every row of Tables 2 and 5, paper beside ours.")
+    ] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the networks.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="rich | csv | markdown | latex")] = "rich",
 ) -> None:
@@ -96,7 +110,9 @@ def count(
     if list_:
         for name in list_models():
             spec = model_spec(name)
-            console.print(f"{name:12s} {spec.label:11s} {spec.family:16s} {spec.input_size}x{spec.input_size}")
+            console.print(
+                f"{name:12s} {spec.label:11s} {spec.family:16s} {spec.input_size}x{spec.input_size}"
+            )
         return
     if paper:
         rows = list(paper_data.PAPER_COST_ROWS)
@@ -108,18 +124,23 @@ def count(
                 entries.append(complexity.cost_entry(row.model, row.recalibration))
                 progress.advance(task)
         frame = complexity.entries_frame(entries, rows, human=fmt != "csv")
-        caption = "FLOPs: multiply-accumulates, ptflops aten backend. " + complexity.PAPER_ACCOUNTING
+        caption = (
+            "FLOPs: multiply-accumulates, ptflops aten backend. " + complexity.PAPER_ACCOUNTING
+        )
         emit(frame, fmt, console, "Tables 2 and 5: cost columns, paper beside mssar", caption)
         return
     if model is None:
         raise MssarError("give a MODEL, --paper or --list (see mssar count --help)")
     model_spec(model)  # unknown names fail here with the list of known ones
-    options = dict(scales=_parse_scales(scales), strategy=strategy, reduction=reduction, stage=stage)
-    entries = [complexity.cost_entry(model, "none", num_classes=num_classes, stage=None)]
-    if recalibration != "none":
-        entries.append(complexity.cost_entry(model, recalibration, num_classes=num_classes, **options))
-    elif any(v is not None for k, v in options.items() if k != "stage"):
-        raise MssarError("--scales, --strategy and --reduction need --recalibration se or mssar")
+    module_options = dict(scales=_parse_scales(scales), strategy=strategy, reduction=reduction)
+    check_options(recalibration, module_options)  # unknown modules and options they do not take
+    entries = [complexity.cost_entry(model, PLAIN, num_classes=num_classes, stage=None)]
+    if recalibration != PLAIN:
+        entries.append(
+            complexity.cost_entry(
+                model, recalibration, num_classes=num_classes, stage=stage, **module_options
+            )
+        )
     frame = complexity.entries_frame(entries, human=fmt != "csv")
     emit(frame, fmt, console, f"{model}: parameters and FLOPs")
 
@@ -151,10 +172,17 @@ def train(
     recipe: Annotated[str, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml")],
     set_: SetOption = None,
     seed: Annotated[int | None, typer.Option(help="Override run.seed.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="One plain line per epoch, no progress bar.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", help="One plain line per epoch, no progress bar.")
+    ] = False,
     download: Annotated[
-        bool, typer.Option("--download", help="CIFAR: let torchvision download the data (data.download=true).")
+        bool,
+        typer.Option(
+            "--download", help="CIFAR: let torchvision download the data (data.download=true)."
+        ),
     ] = False,
 ) -> None:
     """Train a network from a recipe into results/<dataset>/<experiment>/seed<k>/."""
@@ -179,12 +207,14 @@ def train(
 def eval_(
     path: Annotated[str, typer.Argument(help="A run directory or a checkpoint.pt.")],
     set_: SetOption = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N (default: the recipe's).")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto | cpu | cuda | cuda:N (default: the recipe's).")
+    ] = None,
 ) -> None:
     """Re-evaluate a finished (or interrupted) run on its test split; compare with its CSV."""
     from pathlib import Path
 
-    from mssar_cli.training import evaluate_saved
+    from mssar_cli.evaluation import evaluate_saved
 
     result = evaluate_saved(Path(path), set_ or [], device)
     top5 = f", top-5 error {result['test_top5_err']:.2f}%" if "test_top5_err" in result else ""
@@ -199,7 +229,11 @@ def eval_(
     if logged:
         diff = abs(logged["test_err"] - result["test_err"])
         verdict = "agrees with" if diff < 1e-6 else f"differs by {diff:.4f} points from"
-        console.print(f"{verdict} the final row of epochs.csv (top-1 error {logged['test_err']:.2f}%)", markup=False, highlight=False)
+        console.print(
+            f"{verdict} the final row of epochs.csv (top-1 error {logged['test_err']:.2f}%)",
+            markup=False,
+            highlight=False,
+        )
 
 
 @app.command()
@@ -207,30 +241,98 @@ def eval_(
 def ablate(
     kind: Annotated[str, typer.Argument(help="scales | strategy | stage | recalibration | grid")],
     recipe: Annotated[str, typer.Argument(help="The base recipe.")],
-    grid: Annotated[list[str] | None, typer.Option("--grid", help="Another axis: KEY=V1,V2 (repeatable).")] = None,
-    seeds: Annotated[int, typer.Option(help="Runs per cell (seeds run.seed, run.seed+1, ...).")] = 1,
-    jobs: Annotated[int, typer.Option(help="Runs at once (CPU threads are split between them).")] = 1,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their state; run nothing.")] = False,
+    grid: Annotated[
+        list[str] | None, typer.Option("--grid", help="Another axis: KEY=V1,V2 (repeatable).")
+    ] = None,
+    seeds: Annotated[
+        int, typer.Option(help="Runs per cell (seeds run.seed, run.seed+1, ...).")
+    ] = 1,
+    launcher: Annotated[
+        str, typer.Option(help="local (processes here) | slurm (a job array) | submitit-local")
+    ] = "local",
+    jobs: Annotated[
+        int | None,
+        typer.Option(help="Runs at once (default 1, or GPUs x --runs-per-gpu); slurm: tasks."),
+    ] = None,
+    runs_per_gpu: Annotated[
+        int | None, typer.Option(help="local: runs sharing one GPU (small CIFAR runs).")
+    ] = None,
+    gpus_per_run: Annotated[
+        int | None, typer.Option(help="slurm: GPUs of each run (default 1; >1: one DDP task each).")
+    ] = None,
+    cpus_per_run: Annotated[int | None, typer.Option(help="slurm: CPUs of each run.")] = None,
+    partition: Annotated[str | None, typer.Option(help="slurm: the partition.")] = None,
+    time_min: Annotated[
+        int | None,
+        typer.Option("--time", help="slurm: each run's time limit, minutes (then it requeues)."),
+    ] = None,
+    slurm: Annotated[
+        list[str] | None,
+        typer.Option("--slurm", help="slurm: another sbatch parameter, e.g. account=vision."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the runs and their state; run nothing.")
+    ] = False,
     set_: SetOption = None,
 ) -> None:
-    """Expand a recipe into one of the paper's ablation grids and run what is not finished."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Expand a recipe into one of the paper's ablation grids and run (here) or submit (Slurm)
+    every run that is not finished, running or queued."""
+    from mssar_cli import ablation, launch
+    from mssar_cli.launch.state import TO_START, run_states
 
-    from mssar_cli import ablation
-
-    planned = ablation.plan(kind, recipe, set_ or [], grid or [], seeds)
-    states = [run.status for run in planned]
-    counts = {state: states.count(state) for state in ("finished", "interrupted", "missing")}
-    console.print(
-        f"{len(planned)} runs: {counts['finished']} finished (skipped), "
-        f"{counts['interrupted']} interrupted (resumed), {counts['missing']} to start",
-        markup=False,
-        highlight=False,
+    options = launch.LaunchOptions(
+        launcher,
+        jobs,
+        runs_per_gpu,
+        gpus_per_run,
+        cpus_per_run,
+        partition,
+        time_min,
+        tuple(slurm or ()),
     )
+    gpus = launch.check(options, not dry_run)  # impossible options fail here, before any run
+    planned = ablation.plan(kind, recipe, set_ or [], grid or [], seeds)
+    states = run_states(planned)
+    _say(_ablate_counts([state.state for state in states]))
     if dry_run:
         for run, state in zip(planned, states):
-            console.print(f"  {state:11s} {run.run_dir}", markup=False, highlight=False)
+            detail = f"  {state.detail}" if state.detail else ""
+            _say(f"  {state.state:11s} {run.run_dir}{detail}")
+            for line in state.tail:
+                _say(f"      | {line}")
         return
+    todo = [run for run, state in zip(planned, states) if state.state in TO_START]
+    if options.launcher == "slurm":
+        _ablate_submit(todo, recipe, options, kind)
+        return
+    failures = _ablate_here(todo, recipe, options, gpus, kind)
+    title = f"ablation {kind}: final-epoch test error"
+    emit(ablation.summary_frame(planned), "rich", console, title)
+    if failures:
+        logs = sorted({str(outcome.run.log_path.parent) for outcome in failures})
+        raise fail(f"{len(failures)} run(s) failed; their logs are under {', '.join(logs)}", 1)
+
+
+def _say(text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _ablate_counts(states: list[str]) -> str:
+    """``24 runs: 3 finished (skipped), [2 running (skipped), ...] 5 interrupted (resumed), ...``"""
+    n = {state: states.count(state) for state in set(states)}
+    parts = [f"{n.get('finished', 0)} finished (skipped)"]
+    parts += [f"{n[state]} {state} (skipped)" for state in ("running", "queued") if n.get(state)]
+    parts += [f"{n['failed']} failed (run again)"] if n.get("failed") else []
+    parts += [f"{n.get('interrupted', 0)} interrupted (resumed)", f"{n.get('missing', 0)} to start"]
+    return f"{len(states)} runs: " + ", ".join(parts)
+
+
+def _ablate_here(todo, recipe: str, options, gpus: int, kind: str) -> list:
+    """Run ``todo`` on this machine with a progress bar; the outcomes that failed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mssar_cli import launch
+
     failures = []
     progress = Progress(
         TextColumn("ablation {task.fields[kind]}"),
@@ -243,8 +345,10 @@ def ablate(
 
     def done(outcome) -> None:
         mark = "done" if outcome.returncode == 0 else f"FAILED (exit {outcome.returncode})"
+        where = f" on GPU {outcome.gpu}" if outcome.gpu is not None else ""
         progress.console.print(
-            f"{mark:>6} {outcome.run.recipe.experiment} seed {outcome.run.seed} in {outcome.seconds:.0f} s",
+            f"{mark:>6} {outcome.run.recipe.experiment} seed {outcome.run.seed}{where} "
+            f"in {outcome.seconds:.0f} s",
             markup=False,
             highlight=False,
         )
@@ -254,14 +358,37 @@ def ablate(
         progress.advance(task)
 
     with progress:
-        task = progress.add_task("runs", total=len(planned) - counts["finished"], kind=kind)
-        ablation.execute(planned, recipe, jobs, done)
-    emit(ablation.summary_frame(planned), "rich", console, f"ablation {kind}: final-epoch test error")
-    if failures:
-        raise fail(f"{len(failures)} run(s) failed; their logs are under {planned[0].run_dir.parent.parent / 'logs'}", 1)
+        task = progress.add_task("runs", total=len(todo), kind=kind)
+        if todo:
+            launch.run_here(todo, recipe, options, gpus, done)
+    return failures
 
 
-from mssar_cli.report_cli import report
+def _ablate_submit(todo, recipe: str, options, kind: str) -> None:
+    """Submit ``todo`` as one Slurm job array and say where to follow it."""
+    from pathlib import Path
+
+    from mssar_cli.launch.slurm import submit
+
+    if not todo:
+        _say("nothing to submit")
+        return
+    sub = submit(todo, recipe, options, f"mssar-{kind}")
+
+    def short(path: Path) -> str:
+        return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+    tasks = f"{sub.task_ids[0]} ... {sub.task_ids[-1]}" if len(sub.task_ids) > 1 else sub.job_id
+    _say(f"submitted {len(todo)} runs as Slurm job {sub.job_id} ({tasks}, {sub.parallel} at once)")
+    logs = sorted({short(path.parent.resolve()) for path in sub.run_logs})
+    _say(f"  training logs: {', '.join(logs)}/<experiment>-seed<k>.log")
+    _say(
+        f"  submitit: {short(sub.submitit_folder)}/ (sbatch script {sub.job_id}_submission.sh, "
+        f"task logs {sub.job_id}_<task>_0_log.out/.err)"
+    )
+    _say(f"  recorded in: {', '.join(short(path.resolve()) for path in sub.records)}")
+    _say(f"  follow: squeue -j {sub.job_id}, or this same command with --dry-run")
+
 
 app.command(name="report")(user_errors(report))
 

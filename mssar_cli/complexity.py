@@ -16,6 +16,8 @@ from ptflops import get_model_complexity_info
 from torch import nn
 
 from mssar_cli.models import create_model, model_spec
+from mssar_cli.recalibration import PLAIN
+from mssar_cli.recalibration import get as get_recalibration
 
 
 @dataclass(frozen=True)
@@ -28,23 +30,42 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def build_for_counting(
+    name: str,
+    recalibration: str = PLAIN,
+    num_classes: int | None = None,
+    *,
+    in_channels: int = 3,
+    stage: str | None = None,
+    **options,
+) -> nn.Module:
+    """``create_model(name, ...)`` built the way it is counted: every module that has several
+    implementations in its direct one (paper §3.5's MLPs on the pooled positions; the registry
+    entry lists ``implementation`` among its internal options). The other forms compute the same
+    function, but the fused one pools and spreads with block-matrix products, data movement that
+    ptflops would count as multiply-accumulates. ``num_classes`` defaults to the family's
+    dataset: 1000 for the ImageNet networks, 10 otherwise."""
+    spec = model_spec(name)
+    if num_classes is None:
+        num_classes = 1000 if spec.family == "imagenet-resnet" else 10
+    if "implementation" in get_recalibration(recalibration).internal:
+        options["implementation"] = "direct"
+    return create_model(
+        name,
+        num_classes=num_classes,
+        recalibration=recalibration,
+        in_channels=in_channels,
+        stage=stage,
+        **options,
+    )
+
+
 def count_flops(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
     """MACs of one forward pass on a (1, C, S, S) input, eval mode (ptflops, aten backend).
 
-    Regional MS-SAR modules are counted in their direct form (paper §3.5: the MLPs on the K x K
-    pooled positions, the same MACs as the fast form's). The fast form computes the same thing,
-    but on small maps it pools and spreads with 0/1 block-matrix products, data movement that
-    ptflops would count as matrix multiplies.
+    Counts what the model runs: build it with :func:`build_for_counting` (or use
+    :func:`measure`) so that recalibration modules run their direct form.
     """
-    from mssar_cli.recalibration import MSSAR
-
-    switched = [
-        m
-        for m in model.modules()
-        if isinstance(m, MSSAR) and m.strategy == "regional" and m.implementation != "direct"
-    ]
-    for module in switched:
-        module.implementation = "direct"
     was_training = model.training
     model.eval()
     try:
@@ -58,20 +79,29 @@ def count_flops(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
             )
     finally:
         model.train(was_training)
-        for module in switched:
-            module.implementation = "fast"
     if macs is None:
         raise RuntimeError("ptflops could not count the model's FLOPs")
     return int(macs)
 
 
-def measure(name: str, recalibration: str = "none", num_classes: int | None = None, **options) -> Complexity:
-    """Params and FLOPs of ``create_model(name, ...)`` at its family's input size."""
-    spec = model_spec(name)
-    if num_classes is None:
-        num_classes = 1000 if spec.input_size == 224 else 10
-    model = create_model(name, num_classes=num_classes, recalibration=recalibration, **options)
-    return Complexity(count_parameters(model), count_flops(model, spec.input_size))
+def measure(
+    name: str,
+    recalibration: str = PLAIN,
+    num_classes: int | None = None,
+    *,
+    in_channels: int = 3,
+    input_size: int | None = None,
+    stage: str | None = None,
+    **options,
+) -> Complexity:
+    """Params and FLOPs of network ``name`` with ``recalibration`` and its ``options``, counted
+    on a model built for counting (:func:`build_for_counting`), at ``input_size`` (default: the
+    family's, 32 or 224) with ``in_channels`` channels."""
+    model = build_for_counting(
+        name, recalibration, num_classes, in_channels=in_channels, stage=stage, **options
+    )
+    size = model_spec(name).input_size if input_size is None else input_size
+    return Complexity(count_parameters(model), count_flops(model, size, in_channels))
 
 
 def transition_flops(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
@@ -88,7 +118,9 @@ def transition_flops(model: nn.Module, input_size: int, in_channels: int = 3) ->
         nonlocal total
         total += conv.in_channels * conv.out_channels * output.shape[2] * output.shape[3]
 
-    handles = [m.conv.register_forward_hook(hook) for m in model.modules() if isinstance(m, Transition)]
+    handles = [
+        m.conv.register_forward_hook(hook) for m in model.modules() if isinstance(m, Transition)
+    ]
     if not handles:
         return 0
     was_training = model.training
@@ -114,11 +146,7 @@ def projection_params(model: nn.Module) -> int:
 
     if not isinstance(model, CifarResNet):
         return 0
-    return sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if ".downsample." in name
-    )
+    return sum(p.numel() for name, p in model.named_parameters() if ".downsample." in name)
 
 
 @dataclass(frozen=True)
@@ -145,14 +173,14 @@ class CostEntry:
 
 
 def cost_entry(
-    name: str, recalibration: str = "none", num_classes: int | None = None, **options
+    name: str, recalibration: str = PLAIN, num_classes: int | None = None, **options
 ) -> CostEntry:
+    """The cost of ``name`` with ``recalibration`` and ``options`` (``stage`` among them for
+    DenseNets) beside the plain network's, at the family's input size."""
     spec = model_spec(name)
-    if num_classes is None:
-        num_classes = 1000 if spec.input_size == 224 else 10
-    model = create_model(name, num_classes=num_classes, recalibration=recalibration, **options)
+    model = build_for_counting(name, recalibration, num_classes, **options)
     params, flops = count_parameters(model), count_flops(model, spec.input_size)
-    if recalibration == "none":
+    if recalibration == PLAIN:
         baseline = Complexity(params, flops)
     else:
         baseline = measure(name, num_classes=num_classes)
@@ -189,7 +217,7 @@ def entries_frame(entries: list[CostEntry], paper_rows: list | None = None, huma
     params and FLOPs beside ours, counted both ways (see ``PAPER_ACCOUNTING``)."""
     import pandas as pd
 
-    from mssar_cli.tables import human_count
+    from mssar_cli.report.render import human_count
 
     records = []
     for i, e in enumerate(entries):

@@ -11,13 +11,13 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mssar_cli.data import DatasetInfo, DataSpec, build_loaders
+from mssar_cli.data import DatasetInfo, build_loaders
 from mssar_cli.distributed import World, all_reduce_sum
 from mssar_cli.errors import MssarError
 from mssar_cli.models import create_model
@@ -37,9 +37,13 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MssarError(f"run.device: {name!r} asked for, but no CUDA GPU is available (use auto or cpu)")
+        raise MssarError(
+            f"run.device: {name!r} asked for, but no CUDA GPU is available (use auto or cpu)"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise MssarError(f"run.device: {name!r} asked for, but MPS is not available (use auto or cpu)")
+        raise MssarError(
+            f"run.device: {name!r} asked for, but MPS is not available (use auto or cpu)"
+        )
     return device
 
 
@@ -74,14 +78,16 @@ class Session:
     seed: int
 
 
-def data_spec(recipe: Recipe, world_size: int = 1) -> DataSpec:
+def per_rank_batch_size(recipe: Recipe, world_size: int = 1) -> int:
+    """``data.batch_size`` is the global mini-batch: each of the ``world_size`` processes trains
+    on an equal share of it."""
     d = recipe.data
     if d.batch_size % world_size:
         raise MssarError(
-            f"{recipe.source}: data.batch_size: {d.batch_size} is not divisible by the {world_size} processes"
+            f"{recipe.source}: data.batch_size: {d.batch_size} is not divisible by the "
+            f"{world_size} processes"
         )
-    fields = {f: getattr(d, f) for f in DataSpec.__dataclass_fields__}
-    return replace(DataSpec(**fields), batch_size=d.batch_size // world_size)
+    return d.batch_size // world_size
 
 
 def build_model(recipe: Recipe, info: DatasetInfo) -> nn.Module:
@@ -95,11 +101,13 @@ def build_model(recipe: Recipe, info: DatasetInfo) -> nn.Module:
 
 
 def build_session(recipe: Recipe, seed: int, device: torch.device, world: World) -> Session:
-    """Data first (a missing dataset fails before anything else happens), then model and optimizer."""
+    """Data first (a missing dataset fails before anything else happens), then model and
+    optimizer."""
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     train_loader, test_loader, info = build_loaders(
-        data_spec(recipe, world.world_size),
+        recipe.data,
+        batch_size=per_rank_batch_size(recipe, world.world_size),
         device=device,
         seed=seed,
         rank=world.rank,
@@ -143,14 +151,50 @@ def build_session(recipe: Recipe, seed: int, device: torch.device, world: World)
 BatchCallback = Callable[[int, int, float, float, float], None]  # done, total, loss, err%, img/s
 
 
-def train_one_epoch(s: Session, epoch: int, on_batch: BatchCallback | None = None) -> dict[str, float]:
-    """One pass over the training split; returns loss and top-1 error (%) summed over ranks."""
+@dataclass(frozen=True)
+class EpochProgress:
+    """How far a stopped epoch got: the checkpoint keeps it, and the resumed run trains exactly
+    the remaining batches of the same seeded order, with these running sums."""
+
+    epoch: int  # 0-based, as train_one_epoch takes it
+    batches: int  # batches trained
+    totals: tuple[float, float, float]  # loss sum, errors, images (summed over ranks)
+    seconds: float  # spent on this epoch so far
+
+
+class Stopped(Exception):
+    """Training stopped inside an epoch on request (a signal); carries where it stopped."""
+
+    def __init__(self, progress: EpochProgress) -> None:
+        super().__init__(f"stopped in epoch {progress.epoch + 1} at batch {progress.batches}")
+        self.progress = progress
+
+
+def train_one_epoch(
+    s: Session,
+    epoch: int,
+    on_batch: BatchCallback | None = None,
+    *,
+    resume: EpochProgress | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> dict[str, float]:
+    """One pass over the training split; returns loss and top-1 error (%) summed over ranks.
+
+    ``resume`` continues a stopped pass. ``stop`` is asked after every batch (every
+    ``SYNC_EVERY`` batches, agreed by all ranks, when distributed); when it answers True before
+    the last batch, :class:`Stopped` is raised with the progress to save.
+    """
     s.model.train()
-    s.train_loader.set_epoch(epoch)
+    first = resume.batches if resume else 0
+    s.train_loader.set_epoch(epoch, first)
     totals = torch.zeros(3, dtype=torch.float64, device=s.device)  # loss sum, errors, images
+    if resume and s.world.is_main:  # the saved sums are over all ranks: count them once
+        totals += torch.tensor(resume.totals, dtype=torch.float64, device=s.device)
+    earlier = resume.seconds if resume else 0.0
+    seen_before = float(totals[2])
     start = time.perf_counter()
     num_batches = len(s.train_loader)
-    for index, (images, labels) in enumerate(s.train_loader):
+    for index, (images, labels) in enumerate(s.train_loader, start=first):
         if s.recipe.run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(s.device, s.amp_dtype):
@@ -169,7 +213,8 @@ def train_one_epoch(s: Session, epoch: int, on_batch: BatchCallback | None = Non
             )
             totals += batch
         done = index + 1
-        if done % SYNC_EVERY == 0 or done == num_batches:
+        synced = done % SYNC_EVERY == 0 or done == num_batches
+        if synced:
             loss_sum, errors, seen = totals.tolist()
             if not math.isfinite(loss_sum):
                 raise TrainingDiverged(
@@ -178,18 +223,43 @@ def train_one_epoch(s: Session, epoch: int, on_batch: BatchCallback | None = Non
                 )
             if on_batch:
                 elapsed = time.perf_counter() - start
-                on_batch(done, num_batches, loss_sum / seen, 100 * errors / seen, seen * s.world.world_size / elapsed)
+                on_batch(
+                    done,
+                    num_batches,
+                    loss_sum / seen,
+                    100 * errors / seen,
+                    (seen - seen_before) * s.world.world_size / elapsed,
+                )
+        if stop is not None and done < num_batches and _stop_agreed(stop, synced, s):
+            progress = totals.clone()
+            all_reduce_sum(progress, s.world)
+            seconds = earlier + time.perf_counter() - start
+            raise Stopped(EpochProgress(epoch, done, tuple(progress.tolist()), seconds))
     all_reduce_sum(totals, s.world)
     loss_sum, errors, seen = totals.tolist()
     if not math.isfinite(loss_sum):
-        raise TrainingDiverged(f"the training loss became {loss_sum} in epoch {epoch + 1}; stopped, the last good checkpoint is kept")
-    seconds = time.perf_counter() - start
+        raise TrainingDiverged(
+            f"the training loss became {loss_sum} in epoch {epoch + 1}; stopped, the last good "
+            "checkpoint is kept"
+        )
+    seconds = earlier + time.perf_counter() - start
     return {
         "train_loss": loss_sum / seen,
         "train_err": 100 * errors / seen,
         "epoch_seconds": seconds,
         "images_per_s": seen / seconds,
     }
+
+
+def _stop_agreed(stop: Callable[[], bool], synced: bool, s: Session) -> bool:
+    """Whether to stop after this batch: at once alone; at a sync point, by any rank's request,
+    when distributed (every rank must stop at the same batch)."""
+    if not s.world.distributed:
+        return stop()
+    if not synced:
+        return False
+    flag = torch.tensor([1.0 if stop() else 0.0], device=s.device)
+    return all_reduce_sum(flag, s.world).item() > 0
 
 
 @torch.no_grad()
@@ -224,4 +294,8 @@ def evaluate(
     if world is not None:
         all_reduce_sum(totals, world)
     loss_sum, top1, top5, seen = totals.tolist()
-    return {"test_loss": loss_sum / seen, "test_err": 100 * top1 / seen, "test_top5_err": 100 * top5 / seen}
+    return {
+        "test_loss": loss_sum / seen,
+        "test_err": 100 * top1 / seen,
+        "test_top5_err": 100 * top5 / seen,
+    }

@@ -1,4 +1,4 @@
-"""A regional recalibration as one autograd node with a hand-written backward (paper §3.2, Eqs. 1-2).
+"""A regional recalibration as one autograd node with a hand-written backward (§3.2, Eqs. 1-2).
 
 A regional MS-SAR touches the full ``(N, D, H, W)`` map only twice: it pools the source onto a
 few regions and multiplies ``x`` by the weights of those regions. Everything in between (every
@@ -17,260 +17,102 @@ sixty tiny autograd nodes. Here the whole module is one :class:`torch.autograd.F
 * it keeps ``x``, the region means, the hidden layer after BN and each scale's own block of it
   before BN (BN runs on that block as one contiguous ``(1, D', N*K*K)`` tensor, its fast kernel);
   the weights are recomputed in backward from the layer after BN (one small product).
-  When ``x`` is a BN output rebuilt for this backward alone (:mod:`mssar_cli.models.bn_recompute`)
-  ``grad * x`` is written into it.
 
+The caller (:class:`mssar_cli.recalibration.mssar.MSSAR`) asks one question,
+:func:`recalibrate`, and hands over each scale's parameters as a :class:`ScaleMLP`; the answer is
+the recalibrated map, or ``None`` where the gate does not apply (a channels-last map, a map too
+large for the layouts, ``torch.compile``, a SyncBatchNorm) and the caller composes the same steps
+with autograd. How the regions meet the map is :mod:`mssar_cli.fused_gate_layouts`.
 BN statistics and running averages are ``nn.BatchNorm1d``'s own (the same kernel,
-:mod:`mssar_cli.batchnorm`). Two layouts of the regions (:meth:`mssar_cli.recalibration.MSSAR`
-chooses):
-
-* :class:`BandLayout`, maps larger than ``MATRIX_MAP`` whose regions are unions of equal
-  ``sh x sw`` blocks (e.g. 8 x 8 blocks of a 32 x 32 map for scales {1, 2, 4}): the map is cut
-  into bands of ``sh`` rows and the cells are single columns of a band; one strided sum over the
-  band's rows, then region means by one product; weights spread onto the cells and broadcast over
-  the ``sh`` rows.
-* :class:`MatrixLayout`, maps of up to ``MATRIX_MAP`` positions, and other partitions (7 x 7 or
-  14 x 14 with K = 4) of up to ``SMALL_MAP``: the regions of every scale are the rows of a
-  pooling matrix ``P`` (``1/area`` on the region's positions) and of a spreading matrix ``S``
-  (``1/L`` on them), so the pooling, the mean over scales and the spread back to the map are each
-  one (batched) matrix product.
-
-Measured on the project's 2-core CPU (ResNet-56 shapes, batch 128, README "Performance"). Double
-backward is not supported (``once_differentiable``); a second backward through a retained graph
-is.
+:mod:`mssar_cli.batchnorm`). Double backward is not supported (``once_differentiable``); a second
+backward through a retained graph is.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from mssar_cli.batchnorm import batch_norm_with_statistics, take_disposable, uses_batch_statistics
-from mssar_cli.partition import region_of_index
+from mssar_cli.batchnorm import batch_norm_with_statistics, uses_batch_statistics
+from mssar_cli.fused_gate_layouts import BandLayout, Layout, MatrixLayout
+from mssar_cli.partition import axis_plan
 
-# Layout choice, measured inside a ResNet-56 training step on the project's 2-core CPU: maps of up
-# to MATRIX_MAP positions (8x8) use MatrixLayout, where strided reductions and broadcasts over
-# blocks of 2 elements are slower than BLAS products with the region matrices; larger ones with an
-# equal-block refined grid use BandLayout (16x16: 5.4 ms per module against 8.1 ms as matrices,
-# measured before the hand-written backward),
-# and other maps of up to SMALL_MAP positions (7x7 or 14x14 with K = 4) use MatrixLayout.
+# The layout of a map. Up to MATRIX_MAP positions (8x8) the regions' matrices win: there strided
+# reductions and broadcasts run over blocks of two elements and lose to one BLAS product. Larger
+# maps whose refined grid has equal blocks use bands, where a product over every position would
+# do work proportional to the map times the regions. Other partitions (7x7 or 14x14 with K = 4)
+# use the matrices up to SMALL_MAP positions; beyond, the autograd composition.
 MATRIX_MAP = 64
 SMALL_MAP = 256
 
-@lru_cache(maxsize=128)
-def _region_matrices(
-    rows: tuple[int, ...],
-    cols: tuple[int, ...],
+
+class ScaleMLP(NamedTuple):
+    """One scale's Eq. 1, sigmoid(Ω2 · relu(BN(Ω1 · y)) + b2), as the gate takes it: the tensors
+    it differentiates, then the BN module whose mode, ε, momentum and running statistics apply."""
+
+    reduce: torch.Tensor  # Ω1, (D', C_source)
+    gamma: torch.Tensor  # BN's weight, (D',)
+    beta: torch.Tensor  # BN's bias, (D',)
+    expand: torch.Tensor  # Ω2, (D, D')
+    bias: torch.Tensor  # b2, (D,)
+    bn: nn.BatchNorm1d
+
+
+TENSORS_PER_SCALE = 5  # the tensor fields of ScaleMLP, in its order
+
+
+@lru_cache(maxsize=256)
+def choose_layout(scales: tuple[int, ...], height: int, width: int) -> Layout | None:
+    """The layout for an ``height x width`` map and scale set, or ``None`` (see MATRIX_MAP)."""
+    rows, cols = axis_plan(height, scales), axis_plan(width, scales)
+    uniform = rows.uniform and cols.uniform
+    positions = height * width
+    if positions <= MATRIX_MAP or (not uniform and positions <= SMALL_MAP):
+        return MatrixLayout(scales, height, width)
+    if uniform:
+        return BandLayout(scales, height, width, rows.sizes[0])
+    return None
+
+
+def recalibrate(
+    x: torch.Tensor,
+    source: torch.Tensor | None,
     scales: tuple[int, ...],
-    device: torch.device,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooling ``P`` and spreading ``S`` matrices, (sum K^2, cells), regions of each scale in turn.
+    mlps: Sequence[ScaleMLP],
+) -> torch.Tensor | None:
+    """``x`` times the mean over scales of each scale's weights on its regions of ``source``.
 
-    The map is cut into cells of ``rows[i] x cols[j]`` positions (single positions, or the blocks
-    of a refined grid); every region of every scale is a union of cells (:mod:`mssar_cli.partition`).
-    Region (i, j)'s row of ``P`` weighs each of its cells by the cell's share of the region's
-    area (so ``P`` applied to cell means gives region means); its row of ``S`` is 1/L on its
-    cells (the mean over scales of the weights a cell receives).
+    ``source`` None means ``x`` is its own source; ``mlps`` are the scales' MLPs in the order of
+    ``scales``. Returns ``None`` where the gate does not apply (see the module docstring). Outside
+    autograd (nothing needs a gradient) it runs the same steps without a node.
     """
-    row_cuts = [0, *itertools.accumulate(rows)]
-    col_cuts = [0, *itertools.accumulate(cols)]
-    area = torch.outer(torch.tensor(rows, dtype=torch.float64), torch.tensor(cols, dtype=torch.float64))
-    members = []
-    for k in scales:
-        of_row, of_col = region_of_index(row_cuts[-1], k), region_of_index(col_cuts[-1], k)
-        row_region = torch.tensor([of_row[start] for start in row_cuts[:-1]])
-        col_region = torch.tensor([of_col[start] for start in col_cuts[:-1]])
-        for i in range(k):
-            for j in range(k):
-                members.append(torch.outer(row_region == i, col_region == j).flatten())
-    member = torch.stack(members).to(torch.float64)
-    weighted = member * area.flatten()
-    pool = weighted / weighted.sum(1, keepdim=True)
-    spread = member / len(scales)
-    return pool.to(device=device, dtype=dtype), spread.to(device=device, dtype=dtype)
-
-
-@lru_cache(maxsize=128)
-def _band_matrices(
-    scales: tuple[int, ...], height: int, width: int, sh: int, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Region-mean and spreading matrices over ``sh x 1`` cells (one band, one column).
-
-    ``mean`` (sum K^2, H/sh * W) is 1/area on a region's cells, so applied to the cells' sums it
-    gives the region means; ``spread`` is :func:`_region_matrices`' 1/L.
-    """
-    pool, spread = _region_matrices((sh,) * (height // sh), (1,) * width, scales, device, dtype)
-    return pool / sh, spread  # a cell's share of its region's area is sh / area
-
-
-def _product(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad * x``; written into ``x`` when ``x`` is a disposable rebuilt BN output (it is
-    needed for nothing else), which saves a full-size allocation. The buffer may become ``x``'s
-    gradient, so its mark is taken off and it is detached from the graph ``x`` came with."""
-    if x.dtype == grad.dtype and x.is_contiguous() and take_disposable(x):
-        return x.detach().mul_(grad)
-    return grad * x
-
-
-@dataclass(frozen=True)
-class MatrixLayout:
-    """Cells are single positions: pooling and spreading are one (batched) product each."""
-
-    scales: tuple[int, ...]
-    height: int
-    width: int
-
-    def _matrices(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ones_h, ones_w = (1,) * self.height, (1,) * self.width
-        return _region_matrices(ones_h, ones_w, self.scales, like.device, like.dtype)
-
-    def pool(self, source: torch.Tensor) -> torch.Tensor:
-        n, c = source.shape[:2]
-        pool, _ = self._matrices(source)
-        return torch.matmul(pool, source.view(n, c, -1).transpose(1, 2))
-
-    def _spread(self, weights: torch.Tensor, like: torch.Tensor, out=None) -> torch.Tensor:
-        n, d = like.shape[:2]
-        _, spread = self._matrices(like)
-        weights = weights.transpose(1, 2).to(spread.dtype)
-        if out is None:
-            return torch.matmul(weights, spread).view(like.shape)
-        return torch.bmm(weights, spread.expand(n, -1, -1), out=out.view(n, d, -1)).view(like.shape)
-
-    def scale(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self._spread(weights, x).mul_(x)  # in place: one full-size allocation
-
-    def weight_grad(self, grad: torch.Tensor, x: torch.Tensor):
-        """The weights' gradient, and ``grad * x`` as scratch space for :meth:`input_grad`."""
-        n, d = x.shape[:2]
-        product = _product(grad, x)
-        _, spread = self._matrices(product)
-        return torch.matmul(spread, product.view(n, d, -1).transpose(1, 2)), product
-
-    def input_grad(
-        self,
-        grad: torch.Tensor,
-        weights: torch.Tensor,
-        pooled_grad: torch.Tensor | None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """grad * weights, plus the pooling's gradient when ``x`` is its own source (into ``out``)."""
-        out = self._spread(weights, grad, out).mul_(grad)
-        if pooled_grad is not None:
-            n, c = grad.shape[:2]
-            pool, _ = self._matrices(grad)
-            pooled_grad = pooled_grad.transpose(1, 2).to(pool.dtype)
-            out.view(n, c, -1).baddbmm_(pooled_grad, pool.expand(n, -1, -1))
-        return out
-
-    def source_grad(
-        self, pooled_grad: torch.Tensor, shape: torch.Size, like: torch.Tensor
-    ) -> torch.Tensor:
-        pool, _ = self._matrices(like)
-        return torch.matmul(pooled_grad.transpose(1, 2).to(pool.dtype), pool).view(shape)
-
-
-@dataclass(frozen=True)
-class BandLayout:
-    """Cells are ``sh x 1``: one column of a band of ``sh`` rows; W stays the contiguous axis.
-
-    Pooling sums each band over its ``sh`` rows (one strided reduction) and takes the region means
-    with one product; values that go back to the map are a tensor of the cells (1/sh of the map)
-    that broadcasts over the band's rows.
-    """
-
-    scales: tuple[int, ...]
-    height: int
-    width: int
-    sh: int
-
-    def _matrices(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _band_matrices(self.scales, self.height, self.width, self.sh, like.device, like.dtype)
-
-    def _bands(self, t: torch.Tensor) -> torch.Tensor:
-        n, c = t.shape[:2]
-        return t.view(n, c, self.height // self.sh, self.sh, self.width)
-
-    def _band(self, cells: torch.Tensor) -> torch.Tensor:
-        """(N, C, H/sh * W) values of the cells as (N, C, H/sh, 1, W)."""
-        n, c = cells.shape[:2]
-        return cells.view(n, c, self.height // self.sh, 1, self.width)
-
-    def _cell_sums(self, t: torch.Tensor) -> torch.Tensor:
-        """Sums of a full-size map over each cell's ``sh`` rows, (N, C, H/sh * W).
-
-        Bands of 2 or 4 rows are summed by adding halves (each add runs over contiguous runs of
-        ``sh/2 * W`` values); a strided ``sum`` over so few rows is slower (16x16x32 maps of batch
-        128, 4-row bands: 0.37 against 0.61 ms on the project's CPU). Taller bands use ``sum``
-        (8-row bands: 0.80 against 1.05 ms with halves). For bf16 maps the halves round to bf16
-        twice where ``sum`` accumulates in fp32 (4-row bands: cell sums 2.5e-3 against 1.7e-3
-        relative error); the module's output under bf16 autocast moves by at most 1.6e-5.
-        """
-        n, c = t.shape[:2]
-        bands = self._bands(t)
-        if self.sh in (2, 4):
-            while bands.shape[3] > 1:
-                half = bands.shape[3] // 2
-                bands = bands[:, :, :, :half] + bands[:, :, :, half:]
-            return bands.view(n, c, -1)
-        return bands.sum(3).view(n, c, -1)
-
-    def pool(self, source: torch.Tensor) -> torch.Tensor:
-        mean, _ = self._matrices(source)
-        return torch.matmul(mean, self._cell_sums(source).transpose(1, 2))
-
-    def _spread(self, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        _, spread = self._matrices(like)
-        return self._band(torch.matmul(weights.transpose(1, 2).to(spread.dtype), spread))
-
-    def scale(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return (self._bands(x) * self._spread(weights, x)).view(x.shape)
-
-    def weight_grad(self, grad: torch.Tensor, x: torch.Tensor):
-        """The weights' gradient, and ``grad * x`` as scratch space for :meth:`input_grad`."""
-        product = _product(grad, x)
-        cells = self._cell_sums(product)
-        _, spread = self._matrices(cells)
-        return torch.matmul(spread, cells.transpose(1, 2)), product
-
-    def _mean_grad(self, pooled_grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Gradient of the region means with respect to every position, as (N, C, H/sh, 1, W)."""
-        mean, _ = self._matrices(like)
-        return self._band(torch.matmul(pooled_grad.transpose(1, 2).to(mean.dtype), mean))
-
-    def input_grad(
-        self,
-        grad: torch.Tensor,
-        weights: torch.Tensor,
-        pooled_grad: torch.Tensor | None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """grad * weights, plus the pooling's gradient when ``x`` is its own source (into ``out``)."""
-        spread = self._spread(weights, grad)
-        bands = self._bands(grad)
-        out = None if out is None else self._bands(out)
-        if pooled_grad is None:
-            result = torch.mul(bands, spread, out=out)
-        else:
-            result = torch.addcmul(self._mean_grad(pooled_grad, grad), bands, spread, out=out)
-        return result.view(grad.shape)
-
-    def source_grad(
-        self, pooled_grad: torch.Tensor, shape: torch.Size, like: torch.Tensor
-    ) -> torch.Tensor:
-        n, c = shape[:2]
-        mean_grad = self._mean_grad(pooled_grad, like)
-        return mean_grad.expand(n, c, self.height // self.sh, self.sh, self.width).reshape(shape)
-
-
-Layout = BandLayout | MatrixLayout
+    if not (
+        x.is_contiguous()
+        and (source is None or source.is_contiguous())
+        and not torch.compiler.is_compiling()
+        and all(type(mlp.bn) is nn.BatchNorm1d and mlp.gamma is not None for mlp in mlps)
+    ):
+        return None
+    layout = choose_layout(tuple(scales), x.shape[2], x.shape[3])
+    if layout is None:
+        return None
+    params = [t for mlp in mlps for t in mlp[:TENSORS_PER_SCALE]]
+    bns = tuple(mlp.bn for mlp in mlps)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (source is not None and source.requires_grad)
+        or any(p.requires_grad for p in params)
+    )
+    if not needs_grad:
+        with torch.no_grad():
+            return _gate_forward(x, source, layout, bns, params, for_backward=False)[0]
+    return _FusedGate.apply(x, source, layout, bns, *params)
 
 
 @dataclass(frozen=True)
@@ -288,8 +130,10 @@ class _Stack:
 
     reduce: torch.Tensor  # (L*D', C_source): Ω1 of every scale, stacked
     expand: torch.Tensor  # (D, L*D' + L): Ω2 of every scale side by side, then b2 of every scale
+    gammas: tuple[torch.Tensor, ...]
+    betas: tuple[torch.Tensor, ...]
     bns: tuple[nn.BatchNorm1d, ...]
-    region_rows: tuple[slice, ...]  # per scale, its K*K regions
+    region_rows: tuple[slice, ...]  # per scale, its regions
     hidden_cols: tuple[slice, ...]  # per scale, its D' hidden units
 
     @property
@@ -298,64 +142,33 @@ class _Stack:
         return self.reduce.shape[0]
 
     def blocks(self):
-        """(bn, index of its block in (L*D', N, regions) tensors) of every scale."""
+        """(scale, index of its block in (L*D', N, regions) tensors) of every scale."""
         return [
-            (bn, (cols, slice(None), rows))
-            for bn, rows, cols in zip(self.bns, self.region_rows, self.hidden_cols)
+            (i, (cols, slice(None), rows))
+            for i, (rows, cols) in enumerate(zip(self.region_rows, self.hidden_cols))
         ]
 
 
-def _stack(
-    params: Sequence[torch.Tensor], bns: Sequence[nn.BatchNorm1d], scales: Sequence[int], dtype
-) -> _Stack:
-    """The stacked MLPs from the parameters in :func:`_branch_params`' order."""
-    reduces, expands, biases = params[0::5], params[3::5], params[4::5]
+def _stack(params: Sequence[torch.Tensor], bns, regions: Sequence[int], dtype) -> _Stack:
+    """The stacked MLPs from the parameters, :class:`ScaleMLP`'s tensors scale after scale."""
+    per = TENSORS_PER_SCALE
+    reduces, gammas, betas = params[0::per], params[1::per], params[2::per]
+    expands, biases = params[3::per], params[4::per]
     width = reduces[0].shape[0]
     region_rows, hidden_cols, start = [], [], 0
-    for i, k in enumerate(scales):
-        region_rows.append(slice(start, start + k * k))
+    for i, count in enumerate(regions):
+        region_rows.append(slice(start, start + count))
         hidden_cols.append(slice(i * width, (i + 1) * width))
-        start += k * k
+        start += count
     return _Stack(
         reduce=torch.cat(reduces).to(dtype),
         expand=torch.cat([*expands, torch.stack(biases, 1)], 1).to(dtype),
+        gammas=tuple(gammas),
+        betas=tuple(betas),
         bns=tuple(bns),
         region_rows=tuple(region_rows),
         hidden_cols=tuple(hidden_cols),
     )
-
-
-# (submodule, its parameters) of a ScaleBranch, in the order of _FusedGate.backward's gradients
-_BRANCH_PARAMETERS = (
-    ("reduce", ("weight",)),
-    ("bn", ("weight", "bias")),
-    ("expand", ("weight", "bias")),
-)
-
-
-def _branch_params(branches: Sequence[nn.Module]) -> list[torch.Tensor]:
-    """Every scale's parameters, in the order :meth:`_FusedGate.backward` returns their gradients.
-
-    Read from the modules' parameter dictionaries (``nn.Module.__getattr__`` costs about a
-    microsecond per access, and this runs on every forward), through ``getattr`` where a weight is
-    not there: a parametrized weight (``torch.nn.utils.parametrize``) or a DataParallel replica's.
-    """
-    params = []
-    for branch in branches:
-        modules = branch._modules
-        for name, attributes in _BRANCH_PARAMETERS:
-            module = modules[name]
-            own = module._parameters
-            for attribute in attributes:
-                param = own.get(attribute)
-                params.append(getattr(module, attribute) if param is None else param)
-    return params
-
-
-def supports(branches: Sequence[nn.Module]) -> bool:
-    """Whether the fused gate can differentiate these branches by hand: plain affine BatchNorm1d
-    (a SyncBatchNorm, or BN without affine parameters, takes the autograd path)."""
-    return all(type(b.bn) is nn.BatchNorm1d and b.bn.affine for b in branches)
 
 
 def _weights(stack: _Stack, active: torch.Tensor) -> torch.Tensor:
@@ -368,17 +181,16 @@ def _weights(stack: _Stack, active: torch.Tensor) -> torch.Tensor:
 def _mlp_forward(stack: _Stack, rows: torch.Tensor, for_backward: bool):
     """Eq. 1 of every scale on its regions' means, rows (N, regions, C_source).
 
-    Returns the weights (N, regions, D); the hidden layer after BN + ReLU as
-    (L*D' + L, N, regions), hidden units first, zero outside each scale's block, with b2's
-    indicator rows (:class:`_Stack`); per scale its block of the hidden layer before BN,
-    (D', N, K*K) and contiguous; and per scale the statistics BN used (with copies of the running
-    ones in evaluation mode when ``for_backward``). BN updates its running statistics as
+    Returns the weights (N, regions, D); per scale its block of the hidden layer before BN,
+    (D', N, K*K) and contiguous; the hidden layer after BN + ReLU as (L*D' + L, N, regions),
+    hidden units first, zero outside each scale's block, with b2's indicator rows
+    (:class:`_Stack`); and per scale the statistics BN used (with copies of the running ones in
+    evaluation mode when ``for_backward``). BN updates its running statistics as
     ``nn.BatchNorm1d`` does (once per forward).
 
     Hidden units first, the products that make and use the hidden layer have their long
-    dimension last, which MKL runs faster (Ω1 for 2688 rows of 32 channels: 56 against 107 us);
-    BN on a contiguous block runs its fast kernel (a 7 x 128 x 16 block: forward 52 against
-    157 us, backward 24 against 101 us, measured on the project's CPU).
+    dimension last, the shape MKL's products run fastest on; BN on a contiguous block runs
+    torch's contiguous kernel rather than its generic strided one.
     """
     n, r, c = rows.shape
     hidden = (stack.reduce @ rows.view(n * r, c).t()).view(-1, n, r)
@@ -386,9 +198,12 @@ def _mlp_forward(stack: _Stack, rows: torch.Tensor, for_backward: bool):
     for i, rows_of in enumerate(stack.region_rows):
         active[stack.units + i, :, rows_of] = 1  # b2's indicator rows
     blocks, stats = [], []
-    for bn, block in stack.blocks():  # BN's channels are the hidden units
+    for i, block in stack.blocks():  # BN's channels are the hidden units
+        bn = stack.bns[i]
         own = hidden[block].contiguous()  # (D', N, K*K)
-        normalised, mean, invstd = batch_norm_with_statistics(bn, own.view(1, own.shape[0], -1))
+        normalised, mean, invstd = batch_norm_with_statistics(
+            bn, own.view(1, own.shape[0], -1), (stack.gammas[i], stack.betas[i])
+        )
         active[block] = normalised.relu_().view(own.shape)
         running = None
         if for_backward and not uses_batch_statistics(bn):  # evaluation-mode BN's backward
@@ -424,12 +239,20 @@ def _mlp_backward(
     )
     grad_hidden = torch.zeros_like(grad_active)
     grad_bn = []
-    for (bn, block), hidden, (mean, invstd, running) in zip(stack.blocks(), blocks, stats):
+    for (i, block), hidden, (mean, invstd, running) in zip(stack.blocks(), blocks, stats):
         running_mean, running_var = running if running is not None else (None, None)
         flat = (1, hidden.shape[0], -1)
         grad_block, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
-            grad_active[block].contiguous().view(flat), hidden.view(flat), bn.weight,
-            running_mean, running_var, mean, invstd, running is None, bn.eps, [True, True, True],
+            grad_active[block].contiguous().view(flat),
+            hidden.view(flat),
+            stack.gammas[i],
+            running_mean,
+            running_var,
+            mean,
+            invstd,
+            running is None,
+            stack.bns[i].eps,
+            [True, True, True],
         )
         grad_hidden[block] = grad_block.view(hidden.shape)
         grad_bn.append((grad_gamma, grad_beta))
@@ -438,19 +261,18 @@ def _mlp_backward(
     grad_rows = (flat_hidden.t() @ stack.reduce).view(n, r, c) if need_rows else None
     per_scale = []
     for i, (cols, (grad_gamma, grad_beta)) in enumerate(zip(stack.hidden_cols, grad_bn)):
-        per_scale += [
-            grad_reduce[cols], grad_gamma, grad_beta, grad_expand[:, cols], grad_expand[:, units + i]
-        ]
+        grad_b2 = grad_expand[:, units + i]
+        per_scale += [grad_reduce[cols], grad_gamma, grad_beta, grad_expand[:, cols], grad_b2]
     return grad_rows, per_scale
 
 
-def _gate_forward(x, source, layout, branches, params, for_backward: bool):
+def _gate_forward(x, source, layout: Layout, bns, params, for_backward: bool):
     """``x * spread(mlps(pool(source)))`` and what backward needs: the region means (as rows),
     the stacked MLPs and the MLPs' hidden layers and BN statistics (see :func:`_mlp_forward`)."""
     with torch.autocast(x.device.type, enabled=False):  # the map's dtype, MLPs in fp32 or wider
         regions = layout.pool(x if source is None else source)
         dtype = torch.promote_types(regions.dtype, params[0].dtype)
-        stack = _stack(params, [b.bn for b in branches], layout.scales, dtype)
+        stack = _stack(params, bns, layout.regions, dtype)
         regions = regions.to(dtype)
         weights, hidden, active, stats = _mlp_forward(stack, regions, for_backward)
         return layout.scale(x, weights), (regions, stack, hidden, active, stats)
@@ -460,10 +282,10 @@ class _FusedGate(torch.autograd.Function):
     """``x * spread(mlps(pool(source)))``; backward as in the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, source, layout, branches, *params):
+    def forward(ctx, x, source, layout, bns, *params):
         # the weights are rebuilt in backward from ``active``
         out, (regions, stack, hidden, active, stats) = _gate_forward(
-            x, source, layout, branches, params, for_backward=True
+            x, source, layout, bns, params, for_backward=True
         )
         # the parameters too, for autograd's check that nothing changed them before backward
         ctx.save_for_backward(x, regions, active, *hidden, *params)
@@ -486,8 +308,14 @@ class _FusedGate(torch.autograd.Function):
         if source_needs or any(param_needs):
             grad_weights, scratch = layout.weight_grad(grad, x)
             grad_regions, param_grads = _mlp_backward(
-                stack, regions, hidden, active, ctx.stats, weights,
-                grad_weights.to(weights.dtype), source_needs,
+                stack,
+                regions,
+                hidden,
+                active,
+                ctx.stats,
+                weights,
+                grad_weights.to(weights.dtype),
+                source_needs,
             )
             if scratch.dtype != grad.dtype:
                 scratch = None
@@ -505,27 +333,3 @@ class _FusedGate(torch.autograd.Function):
             None,
             *(g if needed else None for g, needed in zip(param_grads, param_needs)),
         )
-
-
-def fused_gate(
-    x: torch.Tensor,
-    source: torch.Tensor | None,
-    layout: Layout,
-    branches: Sequence[nn.Module],
-) -> torch.Tensor:
-    """``x`` times the mean over scales of the branches' weights on their regions of ``source``.
-
-    ``branches`` are the scales' :class:`~mssar_cli.recalibration.ScaleBranch` modules, in the
-    order of ``layout.scales`` (:func:`supports` must hold); ``source`` None means ``x`` is its
-    own source. Outside autograd (nothing needs a gradient) it runs the same steps without a node.
-    """
-    params = _branch_params(branches)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad
-        or (source is not None and source.requires_grad)
-        or any(p.requires_grad for p in params)
-    )
-    if not needs_grad:
-        with torch.no_grad():
-            return _gate_forward(x, source, layout, branches, params, for_backward=False)[0]
-    return _FusedGate.apply(x, source, layout, branches, *params)

@@ -1,4 +1,4 @@
-"""The paper's published numbers, as data (SPEC.md §5). Errors in %, FLOPs in MACs, params in counts.
+"""The paper's published numbers, as data (SPEC.md §5): errors in %, FLOPs in MACs, params.
 
 Where the paper disagrees with itself both values are kept: the ResNet-56 CIFAR-100 baseline is
 29.07 in Table 2 and 29.41 in Table 3; DenseNet-100* CIFAR-10 is 4.16 in Table 2 and 4.06 in
@@ -77,19 +77,34 @@ class ScaleAblationRow:
 
 TABLE3 = (
     ScaleAblationRow((), (6.97, 0.05), (29.41, 0.14), 125.7 * M, 4.67, 22.45, 252.5 * M, 0.80 * M),
-    ScaleAblationRow((1,), (6.80, 0.06), (28.99, 0.15), 125.7 * M, 4.45, 21.83, 252.6 * M, 0.99 * M),
-    ScaleAblationRow((2,), (6.55, 0.05), (28.31, 0.17), 125.8 * M, 4.35, 21.33, 253.0 * M, 0.99 * M),
-    ScaleAblationRow((4,), (6.48, 0.06), (28.74, 0.18), 126.3 * M, 4.39, 21.79, 254.3 * M, 0.99 * M),
-    ScaleAblationRow((1, 2), (6.38, 0.07), (28.28, 0.19), 125.8 * M, 4.29, 21.42, 252.8 * M, 0.99 * M),
-    ScaleAblationRow((1, 4), (6.11, 0.14), (28.05, 0.22), 126.0 * M, 4.32, 21.27, 253.5 * M, 0.99 * M),
-    ScaleAblationRow((2, 4), (6.35, 0.09), (28.87, 0.27), 126.1 * M, 4.33, 21.23, 253.7 * M, 0.99 * M),
+    ScaleAblationRow(
+        (1,), (6.80, 0.06), (28.99, 0.15), 125.7 * M, 4.45, 21.83, 252.6 * M, 0.99 * M
+    ),
+    ScaleAblationRow(
+        (2,), (6.55, 0.05), (28.31, 0.17), 125.8 * M, 4.35, 21.33, 253.0 * M, 0.99 * M
+    ),
+    ScaleAblationRow(
+        (4,), (6.48, 0.06), (28.74, 0.18), 126.3 * M, 4.39, 21.79, 254.3 * M, 0.99 * M
+    ),
+    ScaleAblationRow(
+        (1, 2), (6.38, 0.07), (28.28, 0.19), 125.8 * M, 4.29, 21.42, 252.8 * M, 0.99 * M
+    ),
+    ScaleAblationRow(
+        (1, 4), (6.11, 0.14), (28.05, 0.22), 126.0 * M, 4.32, 21.27, 253.5 * M, 0.99 * M
+    ),
+    ScaleAblationRow(
+        (2, 4), (6.35, 0.09), (28.87, 0.27), 126.1 * M, 4.33, 21.23, 253.7 * M, 0.99 * M
+    ),
     ScaleAblationRow(
         (1, 2, 4), (6.04, 0.11), (27.71, 0.21), 126.0 * M, 4.06, 21.13, 253.3 * M, 0.99 * M
     ),
 )
 
 # §4.2: DenseNet-100 on CIFAR-10 / CIFAR-100, multi- vs single-stage recalibration.
-STAGE_ABLATION = {"multi": {"cifar10": 4.06, "cifar100": 21.13}, "single": {"cifar10": 4.45, "cifar100": 21.83}}
+STAGE_ABLATION = {
+    "multi": {"cifar10": 4.06, "cifar100": 21.13},
+    "single": {"cifar10": 4.45, "cifar100": 21.83},
+}
 # §4.2: "the regional strategy outperforms the sliding strategy by ~0.2%" on CIFAR-100 (no table).
 STRATEGY_ABLATION_GAP_CIFAR100 = 0.2
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,69 +18,39 @@ from typing import Any
 
 import yaml
 
+from mssar_cli import yaml12
 from mssar_cli.errors import MssarError
+from mssar_cli.models import MODELS
+from mssar_cli.recalibration import RECALIBRATIONS, option_names
+
+DATASETS = ("cifar10", "cifar100", "imagenet", "fashion-mnist", "synthetic")
 
 
 class RecipeError(MssarError):
     """A recipe problem: ``<file>: <key>: <what is expected> (got ...)``."""
 
 
-class _DuplicateKeyError(yaml.constructor.ConstructorError):
-    def __init__(self, key, first_line: int, mark) -> None:
-        super().__init__(None, None, f"duplicate key {key!r} (first at line {first_line})", mark)
-        self.key = key
-        self.first_line = first_line
-
-
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that reads ``1e-4`` as a number (YAML 1.2; PyYAML's 1.1 rules make it a
-    string, which a float key would then reject)."""
-
-
-def _check_duplicates(node, prefix: str = "", seen_nodes: set | None = None) -> None:
-    """PyYAML silently keeps the last of two equal keys (a second ``optim:`` section would replace
-    the first without a word); a recipe rejects them, naming the dotted key."""
-    seen_nodes = set() if seen_nodes is None else seen_nodes
-    if id(node) in seen_nodes:  # an alias of a node already walked
-        return
-    seen_nodes.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        first: dict = {}
-        for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                name = (key_node.tag, key_node.value)
-                if name in first:
-                    raise _DuplicateKeyError(prefix + key_node.value, first[name], key_node.start_mark)
-                first[name] = key_node.start_mark.line + 1
-                _check_duplicates(value_node, f"{prefix}{key_node.value}.", seen_nodes)
-            else:
-                _check_duplicates(value_node, prefix, seen_nodes)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _check_duplicates(item, prefix, seen_nodes)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _yaml_load(text: str):
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_duplicates(node)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None, positive: bool = False):
-    meta = {"help": help, "choices": choices, "min": min, "positive": positive}
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    min: float | None = None,
+    positive: bool = False,
+    protocol: bool = False,
+    local: bool = False,
+):
+    """A recipe field. ``protocol``: part of the training protocol (the report never averages
+    runs that differ in one). ``local``: where things are on this machine, not what is computed
+    (may differ when a run is resumed or read elsewhere)."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "min": min,
+        "positive": positive,
+        "protocol": protocol,
+        "local": local,
+    }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -90,51 +59,71 @@ def _opt(default: Any, help: str, *, choices: tuple | None = None, min: float | 
 @dataclass(frozen=True)
 class ModelSection:
     name: str = _opt("resnet20", "network, see `mssar count --list`")
-    recalibration: str = _opt("mssar", "none | se | mssar", choices=("none", "se", "mssar"))
+    recalibration: str = _opt("mssar", " | ".join(RECALIBRATIONS), choices=tuple(RECALIBRATIONS))
     scales: list[int] | None = _opt(None, "MS-SAR scale set L (default [1, 2, 4])")
-    strategy: str | None = _opt(None, "regional | sliding (MS-SAR)", choices=("regional", "sliding", None))
-    reduction: float | None = _opt(None, "total MLP width is D / reduction (family default)", positive=True)
-    stage: str | None = _opt(None, "single | multi (DenseNets; default multi)", choices=("single", "multi", None))
+    strategy: str | None = _opt(
+        None, "regional | sliding (MS-SAR)", choices=("regional", "sliding", None)
+    )
+    reduction: float | None = _opt(
+        None, "total MLP width is D / reduction (family default)", positive=True
+    )
+    stage: str | None = _opt(
+        None, "single | multi (DenseNets; default multi)", choices=("single", "multi", None)
+    )
+
+
+# The model section's keys that are options of a recalibration module (the registry's).
+MODULE_KEYS = tuple(f.name for f in dataclasses.fields(ModelSection) if f.name in option_names())
 
 
 @dataclass(frozen=True)
 class DataSection:
-    dataset: str = _opt(
-        "synthetic",
-        "cifar10 | cifar100 | imagenet | fashion-mnist | synthetic",
-        choices=("cifar10", "cifar100", "imagenet", "fashion-mnist", "synthetic"),
-    )
-    root: str = _opt("data", "dataset root (relative to the current directory)")
-    batch_size: int = _opt(128, "global mini-batch size", positive=True)
+    dataset: str = _opt("synthetic", " | ".join(DATASETS), choices=DATASETS)
+    root: str = _opt("data", "dataset root (relative to the current directory)", local=True)
+    batch_size: int = _opt(128, "global mini-batch size", positive=True, protocol=True)
     eval_batch_size: int = _opt(512, "test batch size", positive=True)
-    augment: bool = _opt(True, "the paper's training augmentation")
-    subset: int | None = _opt(None, "train on this many images (null: all)", positive=True)
-    test_subset: int | None = _opt(None, "test on this many images (null: all)", positive=True)
-    workers: int = _opt(4, "DataLoader workers (ImageNet)", min=0)
-    download: bool = _opt(False, "download CIFAR with torchvision")
+    augment: bool = _opt(True, "the paper's training augmentation", protocol=True)
+    subset: int | None = _opt(
+        None, "train on this many images (null: all)", positive=True, protocol=True
+    )
+    test_subset: int | None = _opt(
+        None, "test on this many images (null: all)", positive=True, protocol=True
+    )
+    workers: int = _opt(4, "DataLoader workers (ImageNet)", min=0, local=True)
+    download: bool = _opt(False, "download CIFAR with torchvision", local=True)
 
 
 @dataclass(frozen=True)
 class OptimSection:
-    lr: float = _opt(0.1, "base learning rate", positive=True)
-    momentum: float = _opt(0.9, "SGD momentum", min=0)
-    nesterov: bool = _opt(True, "Nesterov momentum")
-    weight_decay: float = _opt(1e-4, "L2 weight decay", min=0)
-    epochs: int = _opt(160, "number of epochs", positive=True)
-    milestones: list[int] = _opt([80, 120], "epochs at which the lr is multiplied by gamma")
-    gamma: float = _opt(0.1, "lr factor at each milestone", positive=True)
+    lr: float = _opt(0.1, "base learning rate", positive=True, protocol=True)
+    momentum: float = _opt(0.9, "SGD momentum", min=0, protocol=True)
+    nesterov: bool = _opt(True, "Nesterov momentum", protocol=True)
+    weight_decay: float = _opt(1e-4, "L2 weight decay", min=0, protocol=True)
+    epochs: int = _opt(160, "number of epochs", positive=True, protocol=True)
+    milestones: list[int] = _opt(
+        [80, 120], "epochs at which the lr is multiplied by gamma", protocol=True
+    )
+    gamma: float = _opt(0.1, "lr factor at each milestone", positive=True, protocol=True)
 
 
 @dataclass(frozen=True)
 class RunSection:
     seed: int = _opt(0, "random seed", min=0)
-    device: str = _opt("auto", "auto | cpu | cuda | cuda:N | mps")
-    precision: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N | mps", local=True)
+    precision: str = _opt(
+        "auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16", choices=("auto", "fp32", "bf16")
+    )
     channels_last: bool = _opt(False, "channels-last memory format")
     compile: bool = _opt(False, "torch.compile the model")
-    output: str = _opt("results", "results root; runs go to OUTPUT/<dataset>/<experiment>/seed<k>")
-    checkpoint_every: int = _opt(1, "write a checkpoint every N epochs (and at the end)", positive=True)
-    threads: int | None = _opt(None, "CPU threads (null: torch's default)", positive=True)
+    output: str = _opt(
+        "results", "results root; runs go to OUTPUT/<dataset>/<experiment>/seed<k>", local=True
+    )
+    checkpoint_every: int = _opt(
+        1, "write a checkpoint every N epochs (and at the end)", positive=True
+    )
+    threads: int | None = _opt(
+        None, "CPU threads (null: torch's default)", positive=True, local=True
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -143,6 +132,33 @@ SECTIONS: dict[str, type] = {
     "optim": OptimSection,
     "run": RunSection,
 }
+
+
+def _keys_where(flag: str) -> tuple[str, ...]:
+    return tuple(
+        f"{section}.{f.name}"
+        for section, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+        if f.metadata.get(flag)
+    )
+
+
+def choices(key: str) -> tuple:
+    """The values field ``key`` (``section.name``) accepts, without null."""
+    section, name = key.split(".")
+    field_ = {f.name: f for f in dataclasses.fields(SECTIONS[section])}[name]
+    return tuple(c for c in field_.metadata["choices"] or () if c is not None)
+
+
+def protocol_keys() -> tuple[str, ...]:
+    """Dotted keys of the training protocol: runs that differ in one are never averaged."""
+    return _keys_where("protocol")
+
+
+def local_keys() -> tuple[str, ...]:
+    """Dotted keys that say where things are on a machine, not what is computed: they may differ
+    when a run is resumed, and the report ignores them."""
+    return _keys_where("local")
 
 
 @dataclass(frozen=True)
@@ -161,13 +177,12 @@ class Recipe:
         return out
 
     def module_options(self) -> dict[str, Any]:
-        m = self.model
-        return {
-            "scales": tuple(m.scales) if m.scales is not None else None,
-            "strategy": m.strategy,
-            "reduction": m.reduction,
-            "stage": m.stage,
-        }
+        """The keyword arguments of ``create_model`` beside the name and recalibration: the
+        module's options (``None``: its default) and the DenseNet ``stage``."""
+        options = {key: getattr(self.model, key) for key in MODULE_KEYS}
+        if options.get("scales") is not None:
+            options["scales"] = tuple(options["scales"])
+        return options | {"stage": self.model.stage}
 
     @property
     def dataset_dir(self) -> str:
@@ -181,8 +196,9 @@ class Recipe:
 # --- loading ------------------------------------------------------------------------------------
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe file. Raises :class:`RecipeError` on any problem."""
+def read_raw(path: str | Path) -> dict:
+    """The mapping a recipe file holds (``experiment`` defaulting to the file's stem), not yet
+    validated. Raises :class:`RecipeError` naming the file for anything unreadable."""
     path = Path(path)
     source = str(path)
     if not path.exists():
@@ -194,20 +210,46 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"{source}: cannot read: {error}") from None
     try:
-        raw = _yaml_load(text)
-    except _DuplicateKeyError as error:
+        raw = yaml12.parse(text)
+    except yaml12.DuplicateKeyError as error:
         line = error.problem_mark.line + 1
-        raise RecipeError(f"{source}: {error.key}: key given twice (lines {error.first_line} and {line}); keep one") from None
+        raise RecipeError(
+            f"{source}: {error.key}: key given twice (lines {error.first_line} and {line}); "
+            "keep one"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise RecipeError(f"{source}: YAML syntax error at {where}{problem}") from None
     if raw is None:
-        raise RecipeError(f"{source}: the recipe is empty; expected sections model, data, optim, run")
+        raise RecipeError(
+            f"{source}: the recipe is empty; expected sections model, data, optim, run"
+        )
     if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: expected a mapping of sections (model, data, optim, run), got {type(raw).__name__}")
+        raise RecipeError(
+            f"{source}: expected a mapping of sections (model, data, optim, run), "
+            f"got {type(raw).__name__}"
+        )
     raw.setdefault("experiment", path.stem)
+    return raw
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override (``--set``) and validate a recipe file: the one way every command reads a
+    recipe. Raises :class:`RecipeError` on any problem."""
+    raw = read_raw(path)
+    for item in overrides:
+        apply_override(raw, item, str(path))
+    return from_dict(raw, str(path))
+
+
+def with_overrides(
+    recipe: Recipe, overrides: list[str] | tuple[str, ...], source: str | None = None
+) -> Recipe:
+    """``recipe`` with ``--set`` style overrides applied, validated again."""
+    raw = recipe.to_dict()
+    source = recipe.source if source is None else source
     for item in overrides:
         apply_override(raw, item, source)
     return from_dict(raw, source)
@@ -220,7 +262,7 @@ def apply_override(raw: dict, item: str, source: str) -> None:
     key, text = item.split("=", 1)
     parts = key.strip().split(".")
     try:
-        value = _yaml_load(text) if text.strip() else None
+        value = yaml12.parse(text) if text.strip() else None
     except yaml.YAMLError:
         raise RecipeError(f"{source}: --set {key}: cannot parse {text!r} as a value") from None
     if isinstance(value, (bool, int, float)) and _is_string_key(parts):
@@ -229,7 +271,10 @@ def apply_override(raw: dict, item: str, source: str) -> None:
         raw["experiment"] = value
         return
     if len(parts) != 2:
-        raise RecipeError(f"{source}: --set {key}: expected SECTION.KEY such as optim.lr (sections: {', '.join(SECTIONS)})")
+        raise RecipeError(
+            f"{source}: --set {key}: expected SECTION.KEY such as optim.lr "
+            f"(sections: {', '.join(SECTIONS)})"
+        )
     section, name = parts
     _check_known(section, list(SECTIONS), source, "section")
     _check_known(name, [f.name for f in dataclasses.fields(SECTIONS[section])], source, section)
@@ -252,18 +297,30 @@ def _is_string_key(parts: list[str]) -> bool:
 
 def from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
     if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: expected a mapping of sections (model, data, optim, run), got {type(raw).__name__}")
+        raise RecipeError(
+            f"{source}: expected a mapping of sections (model, data, optim, run), "
+            f"got {type(raw).__name__}"
+        )
     _check_keys(raw, ["experiment", *SECTIONS], source, "")
     experiment = raw.get("experiment")
-    if not isinstance(experiment, str) or not experiment or "/" in experiment or experiment.startswith("."):
-        raise RecipeError(f"{source}: experiment: expected a non-empty name without '/', got {experiment!r}")
+    if (
+        not isinstance(experiment, str)
+        or not experiment
+        or "/" in experiment
+        or experiment.startswith(".")
+    ):
+        raise RecipeError(
+            f"{source}: experiment: expected a non-empty name without '/', got {experiment!r}"
+        )
     sections = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name)
         if values is None:  # absent, or an empty `model:` line: all defaults
             values = {}
         if not isinstance(values, dict):
-            raise RecipeError(f"{source}: {name}: expected a mapping of keys, got {type(values).__name__}")
+            raise RecipeError(
+                f"{source}: {name}: expected a mapping of keys, got {type(values).__name__}"
+            )
         sections[name] = _build_section(cls, values, source, name)
     recipe = Recipe(experiment=experiment, source=source, **sections)
     _check_consistency(recipe, source)
@@ -286,7 +343,9 @@ def _check_known(name: str, known: list[str], source: str, where: str) -> None:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         prefix = f"{where}." if where and where != "section" else ""
-        raise RecipeError(f"{source}: {prefix}{name}: unknown key{hint} (known: {', '.join(known)})")
+        raise RecipeError(
+            f"{source}: {prefix}{name}: unknown key{hint} (known: {', '.join(known)})"
+        )
 
 
 def _check_keys(values: dict, known: list[str], source: str, where: str) -> None:
@@ -315,11 +374,15 @@ def _type_name(annotation) -> str:
     if typing.get_origin(annotation) is list:
         plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
         return f"a list of {plural.get(args[0], str(args[0]))}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, str(annotation))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        annotation, str(annotation)
+    )
 
 
 def _is_optional(annotation) -> bool:
-    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(
+        None
+    ) in typing.get_args(annotation)
 
 
 def _check_value(value, annotation, meta, source: str, key: str):
@@ -369,33 +432,101 @@ def _check_scalar(value, kind, meta, source, key, expected):
 
 
 def _check_consistency(recipe: Recipe, source: str) -> None:
-    from mssar_cli.models import MODELS
-
+    """Rules that involve several keys, or the network and module registries."""
     m, o, r = recipe.model, recipe.optim, recipe.run
     if m.name not in MODELS:
         close = difflib.get_close_matches(m.name, list(MODELS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise RecipeError(f"{source}: model.name: unknown network {m.name!r}{hint} (known: {', '.join(MODELS)})")
-    if m.recalibration != "mssar":
-        for name in ("scales", "strategy"):
-            if getattr(m, name) is not None:
-                raise RecipeError(f"{source}: model.{name}: applies only to recalibration mssar (this recipe has {m.recalibration}); remove it")
-    if m.recalibration == "none" and m.reduction is not None:
-        raise RecipeError(f"{source}: model.reduction: applies only to recalibration se or mssar; remove it")
+        raise RecipeError(
+            f"{source}: model.name: unknown network {m.name!r}{hint} (known: {', '.join(MODELS)})"
+        )
+    takes = RECALIBRATIONS[m.recalibration].options
+    for name in MODULE_KEYS:
+        if getattr(m, name) is not None and name not in takes:
+            users = [k for k, entry in RECALIBRATIONS.items() if name in entry.options]
+            raise RecipeError(
+                f"{source}: model.{name}: applies only to recalibration {_either(users)} "
+                f"(this recipe has {m.recalibration}); remove it"
+            )
     if m.stage is not None and not MODELS[m.name].is_densenet:
         raise RecipeError(f"{source}: model.stage: applies only to DenseNets, not {m.name}")
     if m.scales is not None:
         if not m.scales or any(k <= 0 for k in m.scales) or len(set(m.scales)) != len(m.scales):
-            raise RecipeError(f"{source}: model.scales: expected a non-empty list of distinct positive integers, got {m.scales}")
+            raise RecipeError(
+                f"{source}: model.scales: expected a non-empty list of distinct positive "
+                f"integers, got {m.scales}"
+            )
     if list(o.milestones) != sorted(set(o.milestones)) or any(e <= 0 for e in o.milestones):
-        raise RecipeError(f"{source}: optim.milestones: expected increasing positive epochs, got {o.milestones}")
+        raise RecipeError(
+            f"{source}: optim.milestones: expected increasing positive epochs, got {o.milestones}"
+        )
     if o.milestones and o.milestones[-1] >= o.epochs:
-        raise RecipeError(f"{source}: optim.milestones: every milestone must be < optim.epochs ({o.epochs}), got {o.milestones}")
+        raise RecipeError(
+            f"{source}: optim.milestones: every milestone must be < optim.epochs ({o.epochs}), "
+            f"got {o.milestones}"
+        )
     device = r.device
-    if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise RecipeError(f"{source}: run.device: expected auto | cpu | cuda | cuda:N | mps, got {device!r}")
-    data_model_family = MODELS[m.name].input_size
-    if recipe.data.dataset == "imagenet" and data_model_family != 224:
-        raise RecipeError(f"{source}: model.name: {m.name} is a 32x32 network; imagenet needs resnet18, resnet34 or resnext50")
-    if recipe.data.dataset != "imagenet" and data_model_family == 224:
-        raise RecipeError(f"{source}: model.name: {m.name} is an ImageNet network; {recipe.data.dataset} needs a CIFAR network")
+    if not (
+        device in ("auto", "cpu", "cuda", "mps")
+        or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
+        raise RecipeError(
+            f"{source}: run.device: expected auto | cpu | cuda | cuda:N | mps, got {device!r}"
+        )
+    imagenet_network = MODELS[m.name].input_size == 224
+    if recipe.data.dataset == "imagenet" and not imagenet_network:
+        raise RecipeError(
+            f"{source}: model.name: {m.name} is a 32x32 network; imagenet needs "
+            + _either([k for k, spec in MODELS.items() if spec.input_size == 224])
+        )
+    if recipe.data.dataset != "imagenet" and imagenet_network:
+        raise RecipeError(
+            f"{source}: model.name: {m.name} is an ImageNet network; "
+            f"{recipe.data.dataset} needs a CIFAR network"
+        )
+
+
+def _either(names: list[str]) -> str:
+    """``a, b or c``."""
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+# --- the field reference ------------------------------------------------------------------------
+
+REFERENCE_START, REFERENCE_END = "<!-- recipe-fields:start -->", "<!-- recipe-fields:end -->"
+
+
+def field_reference() -> str:
+    """Every recipe field as a Markdown table (section.key, type, default, help), generated from
+    the schema so that the README cannot drift from it (``make fields`` rewrites its copy)."""
+    lines = [
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+        "| `experiment` | a string | the file's stem | run directory name |",
+    ]
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
+            shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True)
+            shown = shown.strip().removesuffix("...").strip()
+            lines.append(
+                f"| `{section}.{f.name}` | {_type_name(hints[f.name])} | `{shown}` "
+                f"| {f.metadata['help'].replace('|', chr(92) + '|')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def with_field_reference(text: str) -> str:
+    """``text`` (a Markdown document) with the block between the reference markers replaced."""
+    start, end = text.index(REFERENCE_START), text.index(REFERENCE_END)
+    return text[: start + len(REFERENCE_START)] + "\n" + field_reference() + text[end:]
+
+
+if __name__ == "__main__":  # ``python -m mssar_cli.recipe FILE.md``: rewrite FILE's reference
+    import sys
+
+    target = Path(sys.argv[1])
+    target.write_text(with_field_reference(target.read_text()))

@@ -8,11 +8,13 @@ leaves the previous version whole):
 - ``epochs.csv``   one row per finished epoch, rewritten from the checkpoint's history, so the
   CSV and the checkpoint always agree;
 - ``checkpoint.pt`` model, optimizer, scheduler, every RNG, the epoch and the history;
-- ``summary.json`` written at the end: final errors, time, status "finished".
+- ``summary.json`` written at the end: final errors, time, status "finished";
+- ``lock.json``    while a process trains in it: pid, host, start time (:class:`RunLock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -28,13 +30,15 @@ import torch
 
 import mssar_cli
 from mssar_cli import recipe as recipes
+from mssar_cli.errors import MssarError
 
-RECIPE, ENV, CSV, CHECKPOINT, SUMMARY = (
+RECIPE, ENV, CSV, CHECKPOINT, SUMMARY, LOCK = (
     "recipe.yaml",
     "env.json",
     "epochs.csv",
     "checkpoint.pt",
     "summary.json",
+    "lock.json",
 )
 
 
@@ -105,7 +109,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # a truncated or foreign file
-        raise recipes.MssarError(f"{path}: not a readable mssar checkpoint ({type(error).__name__}: {error})") from None
+        raise MssarError(
+            f"{path}: not a readable mssar checkpoint ({type(error).__name__}: {error})"
+        ) from None
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -165,8 +171,9 @@ def cpu_name() -> str:
 
 
 def recipe_differences(stored: dict, current: dict) -> list[str]:
-    """Keys whose values differ between two recipe dicts, ignoring run.output and run.device."""
-    ignore = {"run.output", "run.device", "data.root", "data.workers", "data.download", "run.threads"}
+    """Keys whose values differ between two recipe dicts, ignoring where things are on the
+    machine (the schema's local keys: run.output, run.device, data.root, ...)."""
+    ignore = set(recipes.local_keys())
     diffs = []
     for section, values in current.items():
         if not isinstance(values, dict):
@@ -178,3 +185,131 @@ def recipe_differences(stored: dict, current: dict) -> list[str]:
             if name not in ignore and stored.get(section, {}).get(key) != value:
                 diffs.append(name)
     return diffs
+
+
+# --- one process per run directory --------------------------------------------------------------
+
+
+def _owner() -> dict[str, Any]:
+    import datetime as dt
+    import socket
+
+    owner = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    job = _slurm_task()
+    if job:
+        owner["slurm_task"] = job
+    return owner
+
+
+def _slurm_task() -> str | None:
+    """The Slurm array task (or job) this process runs as: a requeued task keeps it."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{job}_{task}" if task else job
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written, or garbage: treated as held by an unknown process
+    return holder if isinstance(holder, dict) else {}
+
+
+def _is_stale(holder: dict) -> bool:
+    """A lock whose process is known to be gone: same host and no such pid, or an earlier run of
+    this very Slurm task (requeued after preemption; the old process cannot still run)."""
+    import socket
+
+    if holder.get("slurm_task") and holder.get("slurm_task") == _slurm_task():
+        return holder.get("host") != socket.gethostname() or holder.get("pid") != os.getpid()
+    pid = holder.get("pid")
+    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+
+
+def lock_holder(run_dir: Path) -> dict | None:
+    """Who trains in ``run_dir`` now: the lock's contents, or None (no lock, or a stale one)."""
+    holder = _read_lock(Path(run_dir) / LOCK)
+    if holder is None or (holder and _is_stale(holder)):
+        return None
+    return holder
+
+
+def describe_holder(holder: dict) -> str:
+    if not holder:
+        return "another process (its lock.json is unreadable)"
+    return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
+
+
+class RunLock:
+    """``with RunLock(run_dir, notice):`` this process alone trains in ``run_dir``.
+
+    The lock is ``lock.json``, created with ``O_EXCL`` (atomic on local and NFSv3+ file systems).
+    A live holder makes the second process fail with one line naming it; a stale lock (its
+    process gone, see :func:`lock_holder`) is taken over and ``notice`` says so. The file is
+    removed on exit, also when training fails; a killed process leaves it, and the next run on
+    the same host (or the same Slurm task) takes it over.
+    """
+
+    def __init__(self, run_dir: Path, notice=None) -> None:
+        self.path = Path(run_dir) / LOCK
+        self.notice = notice
+        self.owner = _owner()
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(self.path)
+                if holder is None:
+                    continue  # released meanwhile
+                if not holder or not _is_stale(holder):
+                    raise MssarError(
+                        f"{self.path.parent}: in use by {describe_holder(holder)}; wait for it, "
+                        f"or stop it (if it is gone, delete {self.path})"
+                    ) from None
+                # move the stale lock aside first: of two processes taking it over, one wins
+                aside = self.path.with_name(f".{LOCK}.{os.getpid()}.stale")
+                try:
+                    os.replace(self.path, aside)
+                except FileNotFoundError:
+                    continue
+                if _read_lock(aside) != holder:  # another process took it over meanwhile
+                    with contextlib.suppress(FileExistsError):
+                        os.link(aside, self.path)  # give it back, unless a third came
+                    aside.unlink(missing_ok=True)
+                    continue
+                aside.unlink(missing_ok=True)
+                if self.notice:
+                    self.notice(f"took over the lock of {describe_holder(holder)}, which is gone")
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.owner, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return self
+        raise MssarError(f"{self.path.parent}: could not take its lock; try again")
+
+    def __exit__(self, *exc) -> None:
+        if _read_lock(self.path) == self.owner:
+            self.path.unlink(missing_ok=True)

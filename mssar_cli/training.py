@@ -6,8 +6,11 @@ the summary only under a name that says what it is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -15,16 +18,36 @@ from typing import Protocol
 import torch
 
 from mssar_cli import distributed, runs
-from mssar_cli.engine import Session, build_session, evaluate, resolve_device, train_one_epoch
-from mssar_cli.errors import MssarError
-from mssar_cli.recipe import Recipe, dump
+from mssar_cli.engine import (
+    EpochProgress,
+    Session,
+    Stopped,
+    build_session,
+    evaluate,
+    resolve_device,
+    train_one_epoch,
+)
+from mssar_cli.errors import MssarError, RunStopped
+from mssar_cli.recipe import Recipe, dump, read_raw
 
-CSV_COLUMNS = ("epoch", "lr", "train_loss", "train_err", "test_loss", "test_err", "test_top5_err", "epoch_seconds", "images_per_s")
+CSV_COLUMNS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_err",
+    "test_loss",
+    "test_err",
+    "test_top5_err",
+    "epoch_seconds",
+    "images_per_s",
+)
 
 
 class Reporter(Protocol):
     def start(self, run_dir: Path, session: Session, first_epoch: int) -> None: ...
-    def batch(self, epoch: int, done: int, total: int, loss: float, err: float, images_per_s: float) -> None: ...
+    def batch(
+        self, epoch: int, done: int, total: int, loss: float, err: float, images_per_s: float
+    ) -> None: ...
     def epoch(self, row: dict) -> None: ...
     def finish(self, summary: dict) -> None: ...
     def note(self, text: str) -> None: ...
@@ -53,27 +76,37 @@ def train(recipe: Recipe, *, resume: bool = False, reporter: Reporter | None = N
         distributed.shutdown(world)
 
 
-def _train(recipe: Recipe, device: torch.device, world: distributed.World, resume: bool, reporter) -> dict:
+def _train(
+    recipe: Recipe, device: torch.device, world: distributed.World, resume: bool, reporter
+) -> dict:
     run_dir = recipe.run_dir()
     checkpoint_path = run_dir / runs.CHECKPOINT
     stored = run_dir / runs.RECIPE
     if stored.exists():
-        import yaml
-
-        differences = runs.recipe_differences(yaml.safe_load(stored.read_text()) or {}, recipe.to_dict())
+        differences = runs.recipe_differences(read_raw(stored), recipe.to_dict())
         if differences:
             raise MssarError(
-                f"{run_dir}: holds a run of a different recipe (differs in {', '.join(differences)}); "
+                f"{run_dir}: holds a run of a different recipe "
+                f"(differs in {', '.join(differences)}); "
                 "change the experiment name or remove the directory"
             )
     if runs.is_finished(run_dir):
         summary = runs.read_json(run_dir / runs.SUMMARY)
         if reporter:
-            reporter.note(f"{run_dir} is already finished (test error {summary['final']['test_err']:.2f}%); nothing to do")
+            reporter.note(
+                f"{run_dir} is already finished "
+                f"(test error {summary['final']['test_err']:.2f}%); nothing to do"
+            )
         return summary | {"already_finished": True}
+    holder = runs.lock_holder(run_dir) if world.is_main else None
+    if holder is not None:  # fail before loading any data; RunLock below decides for certain
+        raise MssarError(
+            f"{run_dir}: in use by {runs.describe_holder(holder)}; wait for it, or stop it"
+        )
     if checkpoint_path.exists() and not resume:
         raise MssarError(
-            f"{run_dir}: holds an unfinished run; pass --resume to continue it, or remove the directory"
+            f"{run_dir}: holds an unfinished run; pass --resume to continue it, "
+            "or remove the directory"
         )
 
     try:
@@ -82,49 +115,72 @@ def _train(recipe: Recipe, device: torch.device, world: distributed.World, resum
         if recipe.source and not str(error).startswith(str(recipe.source)):
             raise type(error)(f"{recipe.source}: {error}") from None
         raise
+    note = reporter.note if reporter else None
+    lock = runs.RunLock(run_dir, note) if world.is_main else contextlib.nullcontext()
+    with lock:
+        return _run_epochs(recipe, session, run_dir, resume, reporter)
+
+
+def _run_epochs(recipe: Recipe, session: Session, run_dir: Path, resume: bool, reporter) -> dict:
+    """Restore, then train the remaining epochs, writing CSV rows and checkpoints (main rank)."""
+    world, device = session.world, session.device
+    checkpoint_path = run_dir / runs.CHECKPOINT
+    stored = run_dir / runs.RECIPE
     history: list[dict] = []
     first_epoch = 0
+    partial: EpochProgress | None = None
     if resume and checkpoint_path.exists():
         state = runs.load_checkpoint(checkpoint_path, map_location=device)
         restore(session, state)
         history, first_epoch = list(state["history"]), state["epoch"]
+        if state.get("partial"):
+            partial = EpochProgress(**state["partial"])
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.atomic_write_text(stored, dump(recipe))
         env = runs.environment(device, world.world_size) | {"resumed_from_epoch": first_epoch}
+        if partial:
+            env["resumed_from_batch"] = partial.batches
         runs.write_json(run_dir / runs.ENV, env)
         if history:
             runs.atomic_write_text(run_dir / runs.CSV, runs.csv_text(history))
-    if reporter:
-        reporter.start(run_dir, session, first_epoch)
-
     epochs = recipe.optim.epochs
     start = time.perf_counter()
-    for epoch in range(first_epoch, epochs):
-        lr = session.optimizer.param_groups[0]["lr"]
-        on_batch = (lambda *a, e=epoch: reporter.batch(e, *a)) if reporter else None
-        row = {"epoch": epoch + 1, "lr": lr}
-        row |= train_one_epoch(session, epoch, on_batch)
-        session.scheduler.step()
-        row |= evaluate(
-            session.model,
-            session.test_loader,
-            device,
-            session.amp_dtype,
-            world,
-            recipe.run.channels_last,
-        )
-        row = {key: row[key] for key in CSV_COLUMNS if key in row}
-        if session.info.num_classes <= 10:
-            row.pop("test_top5_err", None)
-        history.append(row)
-        last = epoch + 1 == epochs
-        if world.is_main:
-            if (epoch + 1) % recipe.run.checkpoint_every == 0 or last:
-                runs.save_checkpoint(run_dir, checkpoint_state(session, epoch + 1, history))
-            runs.atomic_write_text(run_dir / runs.CSV, runs.csv_text(history))
+    with stop_requests() as received:
+        stop = received.__len__
         if reporter:
-            reporter.epoch(row)
+            reporter.start(run_dir, session, first_epoch)
+        for epoch in range(first_epoch, epochs):
+            resume_at = partial if partial and partial.epoch == epoch else None
+            if stop():  # asked between two epochs: save the state unless the checkpoint holds it
+                on_disk = resume_at is not None or (epoch > 0 and _checkpointed(recipe, epoch))
+                _stop(session, run_dir, history, resume_at, received, saved=on_disk)
+            lr = session.optimizer.param_groups[0]["lr"]
+            on_batch = (lambda *a, e=epoch: reporter.batch(e, *a)) if reporter else None
+            row = {"epoch": epoch + 1, "lr": lr}
+            try:
+                row |= train_one_epoch(session, epoch, on_batch, resume=resume_at, stop=stop)
+            except Stopped as stopped:
+                _stop(session, run_dir, history, stopped.progress, received, saved=False)
+            session.scheduler.step()
+            row |= evaluate(
+                session.model,
+                session.test_loader,
+                device,
+                session.amp_dtype,
+                world,
+                recipe.run.channels_last,
+            )
+            row = {key: row[key] for key in CSV_COLUMNS if key in row}
+            if session.info.num_classes <= 10:
+                row.pop("test_top5_err", None)
+            history.append(row)
+            if world.is_main:
+                if _checkpointed(recipe, epoch + 1):
+                    runs.save_checkpoint(run_dir, checkpoint_state(session, epoch + 1, history))
+                runs.atomic_write_text(run_dir / runs.CSV, runs.csv_text(history))
+            if reporter:
+                reporter.epoch(row)
 
     summary = make_summary(recipe, session, history, time.perf_counter() - start)
     if world.is_main:
@@ -133,6 +189,65 @@ def _train(recipe: Recipe, device: torch.device, world: distributed.World, resum
     if reporter:
         reporter.finish(summary)
     return summary
+
+
+def _checkpointed(recipe: Recipe, epochs_done: int) -> bool:
+    """Whether the checkpoint is written after ``epochs_done`` epochs (run.checkpoint_every)."""
+    every = recipe.run.checkpoint_every
+    return epochs_done % every == 0 or epochs_done == recipe.optim.epochs
+
+
+# --- stopping on a signal -----------------------------------------------------------------------
+
+# What Slurm sends before preemption or the time limit (SIGTERM, or SIGUSR1 with --signal), and
+# Ctrl-C: each becomes a request that training honours after the current batch.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Collect stop signals into a list while training runs (main thread only; elsewhere, as in
+    a test runner's worker thread, nothing is installed). A second Ctrl-C interrupts at once."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def request(signum, _frame) -> None:
+        received.append(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, request)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop(session, run_dir, history, progress, received, *, saved: bool) -> None:
+    """Save where training stopped (inside an epoch: ``progress``), then end the run."""
+    epochs_done = len(history)
+    if session.world.is_main and not saved:
+        state = checkpoint_state(session, epochs_done, history)
+        if progress is not None:
+            state["partial"] = dataclasses.asdict(progress)
+        runs.save_checkpoint(run_dir, state)
+    distributed.barrier(session.world)
+    signum = received[0]
+    if progress is None:
+        where = f"after epoch {epochs_done}"
+    else:
+        total = len(session.train_loader)
+        where = f"in epoch {progress.epoch + 1} at batch {progress.batches}/{total}"
+    raise RunStopped(
+        f"{run_dir}: stopped by {signal.Signals(signum).name} {where}; checkpoint saved, "
+        "continue with --resume",
+        signum,
+    )
 
 
 def checkpoint_state(session: Session, epoch: int, history: list[dict]) -> dict:
@@ -163,14 +278,20 @@ def restore(session: Session, state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
 
-def _flops(session: Session) -> int:
-    """MACs per image of the trained network (ptflops aten backend, on a CPU copy)."""
-    import copy
+def _flops(recipe: Recipe, session: Session) -> int:
+    """MACs per image of the trained network (ptflops aten backend), counted on the same network
+    built in its direct form (:func:`mssar_cli.complexity.measure`)."""
+    from mssar_cli.complexity import measure
 
-    from mssar_cli.complexity import count_flops
-
-    model = copy.deepcopy(session.module).cpu().float().to(memory_format=torch.contiguous_format)
-    return count_flops(model, session.info.image_size, session.info.in_channels)
+    info = session.info
+    return measure(
+        recipe.model.name,
+        recipe.model.recalibration,
+        info.num_classes,
+        in_channels=info.in_channels,
+        input_size=info.image_size,
+        **recipe.module_options(),
+    ).flops
 
 
 def make_summary(recipe: Recipe, session: Session, history: list[dict], seconds: float) -> dict:
@@ -184,58 +305,16 @@ def make_summary(recipe: Recipe, session: Session, history: list[dict], seconds:
         "recalibration": recipe.model.recalibration,
         "seed": recipe.run.seed,
         "epochs": len(history),
-        "final": {k: v for k, v in final.items() if k not in ("lr", "epoch_seconds", "images_per_s")},
+        "final": {
+            k: v for k, v in final.items() if k not in ("lr", "epoch_seconds", "images_per_s")
+        },
         "best_epoch_not_reported": {"epoch": best["epoch"], "test_err": best["test_err"]},
         "params": sum(p.numel() for p in session.module.parameters()),
-        "flops": _flops(session),
+        "flops": _flops(recipe, session),
         "train_images": session.train_loader.num_samples * session.world.world_size,
         "test_images": session.info.test_size,
         "seconds_this_session": round(seconds, 2),
         "total_epoch_seconds": round(sum(r["epoch_seconds"] for r in history), 2),
         "device": str(session.device),
         "world_size": session.world.world_size,
-    }
-
-
-def evaluate_saved(path: Path, overrides: list[str], device_name: str | None = None) -> dict:
-    """Re-evaluate a run directory's (or a checkpoint file's) model on the test split.
-
-    The model is rebuilt from the recipe stored in the checkpoint; ``overrides`` (``--set``)
-    may point ``data.root`` elsewhere. Returns the errors and, when the checkpoint holds a
-    history, the final CSV row's errors to compare with.
-    """
-    from mssar_cli.data import build_test_loader
-    from mssar_cli.engine import build_model, data_spec, resolve_precision
-    from mssar_cli.recipe import apply_override, from_dict
-
-    path = Path(path)
-    checkpoint = path / runs.CHECKPOINT if path.is_dir() else path
-    if not checkpoint.exists():
-        where = f"{path} has no {runs.CHECKPOINT}" if path.is_dir() else f"{path}: no such file"
-        raise MssarError(f"{where}; expected a run directory or a checkpoint written by mssar train")
-    state = runs.load_checkpoint(checkpoint)
-    if not isinstance(state, dict) or "recipe" not in state or "model" not in state:
-        raise MssarError(f"{checkpoint}: not an mssar checkpoint (no recipe or model inside)")
-    raw = dict(state["recipe"])
-    for item in overrides:
-        apply_override(raw, item, str(checkpoint))
-    recipe = from_dict(raw, str(checkpoint))
-    device = resolve_device(device_name or recipe.run.device)
-    loader, info = build_test_loader(data_spec(recipe), device=device)
-    model = build_model(recipe, info).to(device)
-    model.load_state_dict(state["model"])
-    if recipe.run.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    result = evaluate(model, loader, device, resolve_precision(recipe.run.precision, device), None, recipe.run.channels_last)
-    if info.num_classes <= 10:
-        result.pop("test_top5_err")
-    history = state.get("history") or []
-    return {
-        "checkpoint": str(checkpoint),
-        "epoch": state.get("epoch"),
-        "experiment": recipe.experiment,
-        "dataset": recipe.data.dataset,
-        "test_images": info.test_size,
-        **result,
-        "logged": {k: history[-1][k] for k in ("test_loss", "test_err", "test_top5_err") if history and k in history[-1]},
     }

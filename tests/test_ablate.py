@@ -7,22 +7,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
+from helpers import write_cifar10
 from typer.testing import CliRunner
 
 from mssar_cli import ablation, runs
 from mssar_cli.errors import MssarError
+from mssar_cli.launch import local
+from mssar_cli.launch.job import train_command
 from mssar_cli.recipe import dump
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,27 +32,26 @@ SCALE_LABELS = ["none", "1", "2", "4", "1_2", "1_4", "2_4", "1_2_4"]
 TABLE3_SCALES = ["none", "{1}", "{2}", "{4}", "{1,2}", "{1,4}", "{2,4}", "{1,2,4}"]
 
 
-@pytest.fixture
-def smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of recipes/smoke.yaml in an empty working directory (runs land in ./results)."""
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(SMOKE, tmp_path / "smoke.yaml")
-    return tmp_path / "smoke.yaml"
-
-
 def plan(kind: str, recipe: Path, overrides=(), grid=(), seeds: int = 1):
     return ablation.plan(kind, str(recipe), list(overrides), list(grid), seeds)
 
 
-# --- planning -----------------------------------------------------------------------------------
+# --- planning -------------------------------------------------------------------------------------
 
 
 def test_scales_is_table3_seven_scale_sets_and_the_baseline(smoke: Path) -> None:
     planned = plan("scales", smoke)
     assert [r.cell.label for r in planned] == SCALE_LABELS
-    assert [r.recipe.experiment for r in planned] == [f"smoke--scales-{label}" for label in SCALE_LABELS]
+    assert [r.recipe.experiment for r in planned] == [
+        f"smoke--scales-{label}" for label in SCALE_LABELS
+    ]
     base = planned[0].recipe.model
-    assert (base.recalibration, base.scales, base.strategy, base.reduction) == ("none", None, None, None)
+    assert (base.recalibration, base.scales, base.strategy, base.reduction) == (
+        "none",
+        None,
+        None,
+        None,
+    )
     sets = [tuple(r.recipe.model.scales) for r in planned[1:]]
     assert sets == [(1,), (2,), (4,), (1, 2), (1, 4), (2, 4), (1, 2, 4)]
     assert all(r.recipe.model.recalibration == "mssar" for r in planned[1:])
@@ -76,10 +75,23 @@ def test_seeds_run_from_the_recipe_seed(smoke: Path) -> None:
 
 def test_strategy_regional_vs_sliding(smoke: Path) -> None:
     planned = plan("strategy", smoke, seeds=2)
-    assert [(r.cell.label, r.seed) for r in planned] == [("regional", 0), ("regional", 1), ("sliding", 0), ("sliding", 1)]
-    assert [r.recipe.model.strategy for r in planned] == ["regional", "regional", "sliding", "sliding"]
+    assert [(r.cell.label, r.seed) for r in planned] == [
+        ("regional", 0),
+        ("regional", 1),
+        ("sliding", 0),
+        ("sliding", 1),
+    ]
+    assert [r.recipe.model.strategy for r in planned] == [
+        "regional",
+        "regional",
+        "sliding",
+        "sliding",
+    ]
     assert {r.recipe.model.recalibration for r in planned} == {"mssar"}
-    assert {r.recipe.experiment for r in planned} == {"smoke--strategy-regional", "smoke--strategy-sliding"}
+    assert {r.recipe.experiment for r in planned} == {
+        "smoke--strategy-regional",
+        "smoke--strategy-sliding",
+    }
 
 
 def test_stage_needs_a_densenet(smoke: Path) -> None:
@@ -97,12 +109,31 @@ def test_stage_needs_a_densenet(smoke: Path) -> None:
 
 
 def test_recalibration_none_se_mssar(smoke: Path) -> None:
-    planned = plan("recalibration", smoke, ["model.scales=[1,2]", "model.strategy=sliding", "model.reduction=6"])
+    planned = plan(
+        "recalibration",
+        smoke,
+        ["model.scales=[1,2]", "model.strategy=sliding", "model.reduction=6"],
+    )
     assert [r.cell.label for r in planned] == ["none", "se", "mssar"]
     none, se, mssar = (r.recipe.model for r in planned)
-    assert (none.recalibration, none.scales, none.strategy, none.reduction) == ("none", None, None, None)
-    assert (se.recalibration, se.scales, se.strategy, se.reduction) == ("se", None, None, 6)  # MS-SAR-only keys unset
-    assert (mssar.recalibration, mssar.scales, mssar.strategy, mssar.reduction) == ("mssar", [1, 2], "sliding", 6)
+    assert (none.recalibration, none.scales, none.strategy, none.reduction) == (
+        "none",
+        None,
+        None,
+        None,
+    )
+    assert (se.recalibration, se.scales, se.strategy, se.reduction) == (
+        "se",
+        None,
+        None,
+        6,
+    )  # MS-SAR-only keys unset
+    assert (mssar.recalibration, mssar.scales, mssar.strategy, mssar.reduction) == (
+        "mssar",
+        [1, 2],
+        "sliding",
+        6,
+    )
 
 
 def test_grid_axes(smoke: Path) -> None:
@@ -143,35 +174,41 @@ def test_unknown_kind_and_bad_recipe(smoke: Path) -> None:
     with pytest.raises(MssarError, match="no such recipe"):
         plan("scales", smoke.parent / "missing.yaml")
     with pytest.raises(MssarError, match="--jobs"):
-        ablation.execute(plan("scales", smoke), str(smoke), 0, lambda outcome: None)
+        local.execute(plan("scales", smoke), str(smoke), 0, lambda outcome: None)
 
 
 def test_status_and_train_command(smoke: Path) -> None:
     first, second, *_ = plan("scales", smoke, ["data.subset=64"])
     first.run_dir.mkdir(parents=True)
-    (first.run_dir / runs.SUMMARY).write_text(json.dumps({"status": "finished", "final": {"test_err": 50.0}}))
+    (first.run_dir / runs.SUMMARY).write_text(
+        json.dumps({"status": "finished", "final": {"test_err": 50.0}})
+    )
     second.run_dir.mkdir(parents=True)
     (second.run_dir / runs.CHECKPOINT).write_bytes(b"")
     assert (first.status, second.status) == ("finished", "interrupted")
-    command = ablation.train_command(second, str(smoke), threads=1)
+    command = train_command(str(smoke), second.overrides, threads=1)
     assert command[:6] == [sys.executable, "-m", "mssar_cli", "train", str(smoke), "--resume"]
     sets = [command[i + 1] for i, part in enumerate(command) if part == "--set"]
     assert sets == [*second.overrides, "run.threads=1"] and sets[0] == "data.subset=64"
     assert "experiment=smoke--scales-1" in sets and "run.seed=0" in sets
 
 
-# --- the CLI ------------------------------------------------------------------------------------
+# --- the CLI --------------------------------------------------------------------------------------
 
 
 def test_cli_dry_run_lists_and_creates_nothing(smoke: Path) -> None:
     from mssar_cli.cli import app
 
-    result = CliRunner().invoke(app, ["ablate", "scales", "smoke.yaml", "--dry-run", "--seeds", "2"])
+    result = CliRunner().invoke(
+        app, ["ablate", "scales", "smoke.yaml", "--dry-run", "--seeds", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert "16 runs: 0 finished (skipped), 0 interrupted (resumed), 16 to start" in result.output
     listed = [line.split() for line in result.output.splitlines() if line.startswith("  ")]
     assert len(listed) == 16 and {state for state, _ in listed} == {"missing"}
-    assert {Path(path).parent.name for _, path in listed} == {f"smoke--scales-{label}" for label in SCALE_LABELS}
+    assert {Path(path).parent.name for _, path in listed} == {
+        f"smoke--scales-{label}" for label in SCALE_LABELS
+    }
     assert sorted(p.name for p in smoke.parent.iterdir()) == ["smoke.yaml"]
 
     result = CliRunner().invoke(app, ["ablate", "scales", "smoke.yaml", "--dry-run"])
@@ -194,12 +231,14 @@ def test_cli_errors_are_one_line_exit_2(smoke: Path, args: list[str], message: s
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("mssar: error: ") and message in lines[0], result.output
+    assert len(lines) == 1 and lines[0].startswith("mssar: error: ") and message in lines[0], (
+        result.output
+    )
     assert "Traceback" not in result.output
     assert not (smoke.parent / "results").exists()
 
 
-# --- the report of an ablation (recipes exactly as the planner makes them) --------------------------
+# --- the report of an ablation (recipes exactly as the planner makes them) ------------------------
 
 
 def _fake_finished_run(run: ablation.PlannedRun, final_err: float, epochs: int = 3) -> None:
@@ -207,15 +246,27 @@ def _fake_finished_run(run: ablation.PlannedRun, final_err: float, epochs: int =
     run.run_dir.mkdir(parents=True)
     (run.run_dir / runs.RECIPE).write_text(dump(run.recipe))
     rows = [
-        {"epoch": e, "lr": 0.1, "train_loss": 1.0 / e, "train_err": final_err + 10 / e - 3,
-         "test_loss": 1.2 / e, "test_err": final_err + 10 * (epochs - e) / epochs}
+        {
+            "epoch": e,
+            "lr": 0.1,
+            "train_loss": 1.0 / e,
+            "train_err": final_err + 10 / e - 3,
+            "test_loss": 1.2 / e,
+            "test_err": final_err + 10 * (epochs - e) / epochs,
+        }
         for e in range(1, epochs + 1)
     ]
     pd.DataFrame(rows).to_csv(run.run_dir / runs.CSV, index=False)
     final = {k: v for k, v in rows[-1].items() if k != "lr"}
-    summary = {"status": "finished", "experiment": run.recipe.experiment, "seed": run.seed, "epochs": epochs,
-               "final": final, "params": 272_474 if run.cell.label == "none" else 279_000,
-               "flops": 40_810_000 if run.cell.label == "none" else 40_900_000}
+    summary = {
+        "status": "finished",
+        "experiment": run.recipe.experiment,
+        "seed": run.seed,
+        "epochs": epochs,
+        "final": final,
+        "params": 272_474 if run.cell.label == "none" else 279_000,
+        "flops": 40_810_000 if run.cell.label == "none" else 40_900_000,
+    }
     (run.run_dir / runs.SUMMARY).write_text(json.dumps(summary))
 
 
@@ -224,8 +275,7 @@ def test_recalibration_ablation_reports_plain_se_mssar_rows_and_three_curves(
 ) -> None:
     """The Fashion-MNIST ablation of the README (experiment resnet20_cpu_short--recalibration-*,
     seeds 0-2): one row each for plain, SE and MS-SAR, n = 3, and SE drawn as a third curve."""
-    from mssar_cli import figures
-    from mssar_cli.report import build_report, render
+    from mssar_cli.report import build_report, figures, render
 
     monkeypatch.chdir(tmp_path)
     planned = plan("recalibration", FMNIST_SHORT, ["experiment=resnet20_cpu_short"], seeds=3)
@@ -237,18 +287,25 @@ def test_recalibration_ablation_reports_plain_se_mssar_rows_and_three_curves(
         _fake_finished_run(run, errs[run.cell.label] + 0.1 * run.seed)
     assert all(r.status == "finished" for r in planned)
     tables = build_report(tmp_path / "results")
-    assert [t.title for t in tables] == ["Fashion-MNIST: test error by configuration"]
+    assert [t.title for t in tables] == [
+        "Fashion-MNIST: test error by configuration",
+        "Fashion-MNIST: modules at equal protocol (8 ep, 6000 imgs, 2000 test imgs)",
+    ]
     frame = tables[0].frame
     assert frame["recalibration"].tolist() == ["plain", "SE", "MS-SAR"]
-    assert frame["test error"].tolist() == ["9.10 ± 0.10 (n=3)", "8.60 ± 0.10 (n=3)", "8.10 ± 0.10 (n=3)"]
+    assert frame["test error"].tolist() == [
+        "9.10 ± 0.10 (n=3)",
+        "8.60 ± 0.10 (n=3)",
+        "8.10 ± 0.10 (n=3)",
+    ]
     assert frame["Δ vs plain"].tolist() == ["(baseline)", "-0.50 (-5.5%)", "-1.00 (-11.0%)"]
     assert set(frame["protocol"]) == {"8 ep, 6000 imgs, 2000 test imgs"}
-    # markdown: the "|Δ| > seed std" header must not add a column; latex: no raw | or > in text
+    # markdown: every header and row has one cell per column; latex: Δ and % escaped
     header, rule, *body = render(tables, "markdown").split("\n\n")[1].splitlines()
     pipes = [len(re.findall(r"(?<!\\)\|", line)) for line in (header, rule, body[0])]
     assert pipes == [len(frame.columns) + 1] * 3
     latex = render(tables, "latex")
-    assert r"\textbar{}$\Delta$\textbar{} \textgreater{} seed std" in latex
+    assert r"95\% CI of $\Delta$ (Welch) & p (Welch)" in latex
 
     drawn = []
     original = figures._curves_figure
@@ -266,20 +323,9 @@ def test_recalibration_ablation_reports_plain_se_mssar_rows_and_three_curves(
     ]
 
 
-# --- end to end: kill an ablation midway, run it again -----------------------------------------------
+# --- end to end: kill an ablation midway, run it again --------------------------------------------
 
 TINY = ["--set", "data.subset=32", "--set", "data.test_subset=32", "--set", "data.batch_size=32"]
-
-
-def _write_fake_cifar10(root: Path, train_per_batch: int = 16, test: int = 32) -> None:
-    """CIFAR-10 in torchvision's on-disk layout (python pickles), random images."""
-    folder = root / "data" / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, size in [*((f"data_batch_{i}", train_per_batch) for i in range(1, 6)), ("test_batch", test)]:
-        entry = {"data": rng.integers(0, 256, (size, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, size).tolist()}
-        with open(folder / name, "wb") as handle:
-            pickle.dump(entry, handle)
 
 
 def _finished(results: Path) -> dict[Path, tuple[int, bytes]]:
@@ -291,19 +337,26 @@ def _finished(results: Path) -> dict[Path, tuple[int, bytes]]:
     return out
 
 
-def _start_and_kill(args: list[str], cwd: Path, at_least: int, fewer_than: int, deadline_s: float = 300) -> dict:
+def _start_and_kill(
+    args: list[str], cwd: Path, at_least: int, fewer_than: int, deadline_s: float = 300
+) -> dict:
     """Start `python -m mssar_cli ARGS` in its own process group; once ``at_least`` runs have
     finished (and fewer than ``fewer_than``), SIGKILL the whole group (the ablation and its
     `mssar train` children). Returns the finished runs as they were after the kill."""
     with open(cwd / "killed-ablate.log", "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "mssar_cli", *args],
-            cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             end = time.monotonic() + deadline_s
             while len(_finished(cwd / "results")) < at_least:
-                assert process.poll() is None, f"the ablation ended before the kill:\n{(cwd / 'killed-ablate.log').read_text()}"
+                log = (cwd / "killed-ablate.log").read_text()
+                assert process.poll() is None, f"the ablation ended before the kill:\n{log}"
                 assert time.monotonic() < end, "no run finished in time"
                 time.sleep(0.2)
         finally:
@@ -328,11 +381,18 @@ def _rerun(args: list[str]) -> str:
 def _check_resumed(output: str, total: int, before: dict, dataset_dir: Path) -> None:
     """The re-run skipped the runs finished before the kill and finished all the others."""
     skipped = len(before)
-    assert re.search(rf"^{total} runs: {skipped} finished \(skipped\), \d+ interrupted \(resumed\), \d+ to start$", output, re.MULTILINE), output
+    assert re.search(
+        rf"^{total} runs: {skipped} finished \(skipped\), "
+        r"\d+ interrupted \(resumed\), \d+ to start$",
+        output,
+        re.MULTILINE,
+    ), output
     done_lines = re.findall(r"^\s*done (\S+) seed (\d+) in \d+ s$", output, re.MULTILINE)
     assert len(done_lines) == total - skipped, output
     ran = {dataset_dir / exp / f"seed{seed}" for exp, seed in done_lines}
-    assert len(ran) == total - skipped and not ran & set(before), "a run finished before the kill ran again"
+    assert len(ran) == total - skipped and not ran & set(before), (
+        "a run finished before the kill ran again"
+    )
     after = _finished(dataset_dir.parent)
     assert len(after) == total
     for run_dir, (mtime, data) in before.items():
@@ -349,9 +409,21 @@ def test_ablate_scales_killed_midway_resumes_then_reports_table3(smoke: Path) ->
     from mssar_cli.report import build_report
 
     cwd = smoke.parent
-    _write_fake_cifar10(cwd)
-    args = ["ablate", "scales", "smoke.yaml", "--seeds", "2", "--jobs", "2",
-            "--set", "data.dataset=cifar10", "--set", "model.name=resnet56", *TINY]
+    write_cifar10(cwd / "data", per_batch=16, test=32)
+    args = [
+        "ablate",
+        "scales",
+        "smoke.yaml",
+        "--seeds",
+        "2",
+        "--jobs",
+        "2",
+        "--set",
+        "data.dataset=cifar10",
+        "--set",
+        "model.name=resnet56",
+        *TINY,
+    ]
     before = _start_and_kill(args, cwd, at_least=2, fewer_than=16)
     output = _rerun(args)
     _check_resumed(output, 16, before, cwd / "results" / "cifar10")
@@ -370,7 +442,9 @@ def test_ablate_scales_killed_midway_resumes_then_reports_table3(smoke: Path) ->
     rn = t3[t3["network"] == "RN-56"]
     assert rn["scales"].tolist() == TABLE3_SCALES
     assert set(rn["protocol"]) == {"2 ep, 32 imgs, 32 test imgs"}
-    assert all(cell.endswith("(n=2)") and "±" in cell for cell in rn["C10 ours"]), rn["C10 ours"].tolist()
+    assert all(cell.endswith("(n=2)") and "±" in cell for cell in rn["C10 ours"]), rn[
+        "C10 ours"
+    ].tolist()
     assert rn["C10 paper"].tolist()[0] == "6.97 ± 0.05 (n=3)"
     assert set(rn["C100 ours"]) == {"—"} and "—" not in set(rn["C100 paper"])
     assert set(t3.loc[t3["network"] == "DN-100", "C10 ours"]) == {"—"}
@@ -384,8 +458,20 @@ def test_ablate_grid_killed_after_first_run_resumes(smoke: Path) -> None:
     from mssar_cli.cli import app
 
     cwd = smoke.parent
-    args = ["ablate", "grid", "smoke.yaml", "--grid", "model.scales=[1],[2]", "--jobs", "1",
-            "--set", "optim.epochs=1", "--set", "optim.milestones=[]", *TINY]
+    args = [
+        "ablate",
+        "grid",
+        "smoke.yaml",
+        "--grid",
+        "model.scales=[1],[2]",
+        "--jobs",
+        "1",
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        "optim.milestones=[]",
+        *TINY,
+    ]
     before = _start_and_kill(args, cwd, at_least=1, fewer_than=2)
     assert [p.parent.name for p in before] == ["smoke--grid-scales_1"]
     output = _rerun(args)
@@ -393,7 +479,10 @@ def test_ablate_grid_killed_after_first_run_resumes(smoke: Path) -> None:
     assert "  done smoke--grid-scales_2 seed 0" in output
 
     again = _rerun(args)  # nothing left to do
-    assert "2 runs: 2 finished (skipped), 0 interrupted (resumed), 0 to start" in again and " done " not in again
+    assert (
+        "2 runs: 2 finished (skipped), 0 interrupted (resumed), 0 to start" in again
+        and " done " not in again
+    )
 
     result = CliRunner().invoke(app, ["report", "results", "--format", "csv"])
     assert result.exit_code == 0, result.output

@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
 import time
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def module_step():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("module_step", ROOT / "benchmarks" / "module_step.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["module_step"] = module  # dataclasses look their module up while it loads
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("module_step", None)
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from benchmarks import module_step
+
+    return module_step
 
 
 def noisy(level: float, rounds: int, seed: int, spread: float = 0.01) -> list[float]:
@@ -39,7 +27,9 @@ def test_overhead_interval_cancels_a_drift_shared_within_rounds(module_step):
     se = [1.1 * d for d in drift]
     mssar = [1.15 * d for d in drift]
     estimate, low, high = module_step.overhead_interval(plain, se, mssar)
-    assert estimate == pytest.approx(1.5) and low == pytest.approx(1.5) and high == pytest.approx(1.5)
+    assert (
+        estimate == pytest.approx(1.5) and low == pytest.approx(1.5) and high == pytest.approx(1.5)
+    )
 
 
 def test_overhead_interval_brackets_the_true_ratio(module_step):
@@ -137,14 +127,16 @@ def test_module_clock_refuses_a_model_without_recalibration(module_step):
     from mssar_cli.models import create_model
 
     with pytest.raises(ValueError, match="no recalibration module"):
-        module_step.ModuleClock(create_model("resnet20", 10, recalibration="none"), torch.device("cpu"))
+        module_step.ModuleClock(
+            create_model("resnet20", 10, recalibration="none"), torch.device("cpu")
+        )
 
 
 def test_module_clock_refuses_an_input_without_gradient(module_step):
     """PyTorch would fire the backward hook before the module's backward: refused, not mistimed."""
     import torch
 
-    from mssar_cli.recalibration import SqueezeExcitation
+    from mssar_cli.recalibration.se import SqueezeExcitation
 
     model = torch.nn.Sequential(SqueezeExcitation(8, 4))
     clock = module_step.ModuleClock(model, torch.device("cpu"))

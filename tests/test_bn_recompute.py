@@ -17,12 +17,14 @@ from mssar_cli.models.blocks import (
     RecalibratedBottleneck,
     with_recalibration,
 )
-from mssar_cli.recalibration import MSSAR, SqueezeExcitation
+from mssar_cli.recalibration.mssar import MSSAR
+from mssar_cli.recalibration.se import SqueezeExcitation
 
 FACTORIES = {
     "se": lambda channels: SqueezeExcitation(channels, reduction=4),
     "mssar": lambda channels: MSSAR(channels, (1, 2, 4)),
     "mssar-sliding": lambda channels: MSSAR(channels, (1, 2, 4), "sliding"),
+    "mssar-autograd": lambda channels: MSSAR(channels, (1, 2, 4), implementation="autograd"),
     "mssar-direct": lambda channels: MSSAR(channels, (1, 2, 4), implementation="direct"),
 }
 
@@ -59,7 +61,9 @@ def test_rebuild_matches_the_plain_composition(kind, factory, memory_format):
     block = make_block(kind, factory)
     reference = copy.deepcopy(block)
     channels = 16 if kind == "basic" else 64
-    x = torch.randn(4, channels, 16, 16, dtype=torch.float64).contiguous(memory_format=memory_format)
+    x = torch.randn(4, channels, 16, 16, dtype=torch.float64).contiguous(
+        memory_format=memory_format
+    )
     upstream = torch.randn(4, channels, 16, 16, dtype=torch.float64)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     got, want = block(xa), plain_forward(reference, xb)
@@ -127,52 +131,38 @@ def test_falls_back_outside_training(monkeypatch):
 
 
 @pytest.mark.parametrize("size", [8, 16], ids=lambda s: f"{s}x{s}")
-def test_fused_gate_writes_into_the_rebuilt_bn_output(size, monkeypatch):
-    """The rebuilt BN output is private to the fused gate's backward, which reuses its buffer
-    for grad * x (mssar_cli.batchnorm.take_disposable); gradients stay the plain composition's."""
-    from mssar_cli import fused_gate
-
-    seen = []
-    original = fused_gate.take_disposable
-    monkeypatch.setattr(fused_gate, "take_disposable", lambda t: seen.append(original(t)) or seen[-1])
+def test_a_retained_graph_backpropagates_twice_through_a_rebuilt_bn_output(size):
+    """Every unpack rebuilds the BN output afresh, and nothing writes into it: a second backward
+    through a retained graph gives the first one's gradients again (matrix and band layouts)."""
     block = make_block("basic", "mssar")
     reference = copy.deepcopy(block)
     x = torch.randn(4, 16, size, size, dtype=torch.float64)
     upstream = torch.randn(4, 16, size, size, dtype=torch.float64)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    (block(xa) * upstream).sum().backward()
+    loss = (block(xa) * upstream).sum()
+    loss.backward(retain_graph=True)
+    once = [xa.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    loss.backward()
     (plain_forward(reference, xb) * upstream).sum().backward()
-    assert seen == [True, False]  # the block, then the reference without the rebuild
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-10)
-    for (name, p), q in zip(block.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=name)
-
-
-def test_an_ordinary_tensor_is_not_disposable_and_a_mark_is_taken_once():
-    from mssar_cli.batchnorm import is_disposable, mark_disposable, take_disposable
-
-    t = torch.randn(3)
-    assert not is_disposable(t) and not is_disposable(t.view(3)) and not take_disposable(t)
-    mark_disposable(t)
-    assert is_disposable(t) and is_disposable(t.view(3))  # the mark is on the storage
-    assert not is_disposable(t.clone())
-    assert take_disposable(t.view(3)) and not take_disposable(t) and not is_disposable(t)
+    torch.testing.assert_close(xa.grad, 2 * once[0])
+    torch.testing.assert_close(xa.grad, 2 * xb.grad, rtol=1e-9, atol=1e-10)
+    for (name, p), q, first in zip(block.named_parameters(), reference.parameters(), once[1:]):
+        torch.testing.assert_close(p.grad, 2 * first, msg=name)
+        torch.testing.assert_close(p.grad, 2 * q.grad, rtol=1e-9, atol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("stage", ["layer1", "layer3"])  # band (32x32) and matrix (8x8) layouts
 def test_the_gradient_at_a_rebuilt_bn_output_is_an_ordinary_tensor(stage):
-    """The fused gate hands its scratch buffer (the rebuilt BN output) out as x's gradient: that
-    gradient must be a plain tensor, usable in grad mode, and never overwritten later by another
-    fused gate that receives it as its input."""
-    from mssar_cli.batchnorm import is_disposable
-
+    """The fused gate hands its scratch buffer (``grad * x``) out as x's gradient: that gradient
+    must be a plain tensor, usable in grad mode, and never overwritten later by another fused
+    gate that receives it as its input."""
     torch.manual_seed(0)
     model = create_model("resnet20", recalibration="mssar").train()
     seen = []
     getattr(model, stage)[0].recalibration.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     loss = model(torch.randn(2, 3, 32, 32)).sum()
     (grad,) = torch.autograd.grad(loss, seen[0])
-    assert not grad.requires_grad and not is_disposable(grad)
+    assert not grad.requires_grad and grad.grad_fn is None
     assert torch.equal(grad * 2, grad + grad)  # usable in grad mode
     kept = grad.clone()
     other = MSSAR(grad.shape[1]).train()

@@ -12,11 +12,12 @@ import re
 
 import pandas as pd
 import pytest
-import torch
+from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from mssar_cli import paper
 from mssar_cli.cli import app
+from mssar_cli.errors import ModelError
 from mssar_cli.models import list_models, model_spec
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -25,14 +26,7 @@ PROJECTION_PARAMS = 2_752  # CIFAR ResNets' 1x1 projection shortcuts, not in the
 TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnext50": 25_028_904}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is shared: with two intra-op threads on a busy machine, every parallel region
-    waits for a descheduled thread and ``count --paper`` runs many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +102,11 @@ def test_count_csv_with_options(runner):
     assert ours["params"] == RESNET20_PARAMS + mssar_extra_params(RESNET20_BLOCKS, 2)
     assert ours["params"] > base["params"]
     assert "scales={1,2}" in ours["options"] and "strategy=sliding" in ours["options"]
-    # sliding: the scale-2 MLP (2 D D' MACs) runs at every position of every block's map
-    per_position = sum(
-        hw * 2 * d * max(1, d // 6) * 3 for d, hw in ((16, 32 * 32), (32, 16 * 16), (64, 8 * 8))
-    )
-    extra_flops = ours["flops"] - base["flops"]
-    assert per_position <= extra_flops <= 1.2 * per_position
+    # sliding, counted in the direct form (paper §3.5: 2 L W H D D'): every scale's MLP, K = 1's
+    # too, at every position of every block's map, plus b2 (D per position)
+    maps = ((16, 32 * 32), (32, 16 * 16), (64, 8 * 8))
+    extra = sum(3 * 2 * hw * (2 * d * max(1, d // 6) + d) for d, hw in maps)
+    assert ours["flops"] - base["flops"] == extra
     assert ours["extra_params_pct"] == pytest.approx(
         100 * (ours["params"] - base["params"]) / base["params"], abs=0.01
     )
@@ -207,18 +200,6 @@ def test_paper_costs_are_consistent(paper_frame):
 # --- errors: one line on stderr, exit code 2 ----------------------------------------------------
 
 
-def assert_one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("mssar: error:")
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert result.stdout == ""
-    return lines[0]
-
-
 def test_unknown_model(runner):
     result = invoke(runner, "count", "resnet21")
     assert_one_line_error(result, "resnet21", *list_models())
@@ -233,9 +214,13 @@ def test_unknown_model(runner):
         (["--format", "html"], ["html", "rich", "csv", "markdown", "latex"]),
         (["--strategy", "diagonal"], ["regional", "sliding"]),
         (["--recalibration", "cbam"], ["none", "se", "mssar"]),
-        (["--recalibration", "none", "--scales", "1,2"], ["--scales"]),
-        (["--recalibration", "se", "--scales", "1,2"], ["mssar"]),
+        (["--recalibration", "none", "--scales", "1,2"], ["'none'", "'scales'"]),
+        (["--recalibration", "se", "--scales", "1,2"], ["'se'", "'scales'", "reduction"]),
+        (["--recalibration", "se", "--strategy", "sliding"], ["'se'", "'strategy'"]),
+        (["--reduction", "0"], ["reduction", "positive"]),
+        (["--reduction", "nan"], ["reduction", "positive"]),
         (["--stage", "single"], ["DenseNets"]),
+        (["--stage", "triple"], ["DenseNets"]),
     ],
 )
 def test_bad_options(runner, args, fragments):
@@ -249,7 +234,7 @@ def test_missing_model(runner):
 
 def test_debug_shows_the_exception(runner):
     result = invoke(runner, "--debug", "count", "resnet21")
-    assert isinstance(result.exception, ValueError)
+    assert isinstance(result.exception, ModelError)
     assert "resnet21" in str(result.exception)
     # and the flag does not stick to the next invocation
     assert_one_line_error(invoke(runner, "count", "resnet21"))

@@ -5,26 +5,27 @@ paper's augmentation against a per-image reference, and missing-data messages.""
 from __future__ import annotations
 
 import gzip
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import as_chw, pickle_to, write_cifar10
 
 from mssar_cli import data
 from mssar_cli.data import (
     FASHION_FILES,
     FASHION_SYSTEM_DIR,
     NORMALISATION,
-    DataSpec,
     DeviceLoader,
     FolderLoader,
     build_loaders,
     build_test_loader,
 )
+from mssar_cli.engine import per_rank_batch_size
 from mssar_cli.errors import MssarError
+from mssar_cli.recipe import DataSection, RecipeError, from_dict
 
 CPU = torch.device("cpu")
 
@@ -32,40 +33,6 @@ CPU = torch.device("cpu")
 # --------------------------------------------------------------------------------------------
 # Writers for the real formats
 # --------------------------------------------------------------------------------------------
-
-
-def _pickle(path: Path, entry: dict) -> None:
-    """A protocol-2 pickle with str keys: what the release's files give under encoding="latin1"."""
-    with open(path, "wb") as handle:
-        pickle.dump(entry, handle, protocol=2)
-
-
-def write_cifar10(root: Path, per_batch: int = 6, test: int = 5, seed: int = 0):
-    """``root/cifar-10-batches-py`` as the release has it; returns the (images, labels) written."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    train_x, train_y = [], []
-    for i in range(1, 6):
-        x = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        y = rng.integers(0, 10, per_batch).tolist()
-        entry = {
-            "batch_label": f"training batch {i} of 5",
-            "labels": y,
-            "data": x,
-            "filenames": [f"img_{i}_{j}.png" for j in range(per_batch)],
-        }
-        _pickle(folder / f"data_batch_{i}", entry)
-        train_x.append(x)
-        train_y += y
-    test_x = rng.integers(0, 256, (test, 3072), dtype=np.uint8)
-    test_y = rng.integers(0, 10, test).tolist()
-    _pickle(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": test_y, "data": test_x})
-    _pickle(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)], "num_vis": 3072})
-    return (
-        (as_chw(np.concatenate(train_x)), torch.tensor(train_y)),
-        (as_chw(test_x), torch.tensor(test_y)),
-    )
 
 
 def write_cifar100(root: Path, train: int = 12, test: int = 7, seed: int = 1):
@@ -77,17 +44,25 @@ def write_cifar100(root: Path, train: int = 12, test: int = 7, seed: int = 1):
         x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         fine = rng.integers(20, 100, n).tolist()  # >= 20: never a coarse label (0..19)
         coarse = rng.integers(0, 20, n).tolist()
-        _pickle(folder / name, {"filenames": [], "batch_label": name, "fine_labels": fine,
-                                "coarse_labels": coarse, "data": x})
+        pickle_to(
+            folder / name,
+            {
+                "filenames": [],
+                "batch_label": name,
+                "fine_labels": fine,
+                "coarse_labels": coarse,
+                "data": x,
+            },
+        )
         out.append((as_chw(x), torch.tensor(fine)))
-    _pickle(folder / "meta", {"fine_label_names": [f"f{i}" for i in range(100)],
-                              "coarse_label_names": [f"c{i}" for i in range(20)]})
+    pickle_to(
+        folder / "meta",
+        {
+            "fine_label_names": [f"f{i}" for i in range(100)],
+            "coarse_label_names": [f"c{i}" for i in range(20)],
+        },
+    )
     return out[0], out[1]
-
-
-def as_chw(rows: np.ndarray) -> torch.Tensor:
-    """N x 3072 release rows (R plane, G plane, B plane) as N x 3 x 32 x 32."""
-    return torch.from_numpy(rows.reshape(-1, 3, 32, 32).copy())
 
 
 def _idx_bytes(array: np.ndarray, magic: int) -> bytes:
@@ -139,8 +114,16 @@ def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
-def spec(dataset: str, root: Path, **kwargs) -> DataSpec:
-    return DataSpec(dataset, root=str(root), **kwargs)
+def spec(dataset: str, root: Path, **kwargs) -> DataSection:
+    """The recipe's ``data:`` section for ``dataset`` under ``root``."""
+    return DataSection(dataset, root=str(root), **kwargs)
+
+
+def loaders(section: DataSection, **kwargs):
+    """``build_loaders`` with ``section.batch_size`` as this rank's training batch (unless
+    ``batch_size`` is given): the engine's per-rank share when there is one process."""
+    kwargs.setdefault("batch_size", section.batch_size)
+    return build_loaders(section, **kwargs)
 
 
 @pytest.fixture
@@ -164,7 +147,9 @@ def test_cifar10_reads_the_release_format_like_torchvision(cifar10, monkeypatch)
         assert torch.equal(torch.from_numpy(reference.data).permute(0, 3, 1, 2), x)
         assert reference.targets == y.tolist()
 
-    train, test, info = build_loaders(spec("cifar10", root, batch_size=8, augment=False), device=CPU, seed=0)
+    train, test, info = loaders(
+        spec("cifar10", root, batch_size=8, augment=False), device=CPU, seed=0
+    )
     assert (info.num_classes, info.in_channels, info.image_size) == (10, 3, 32)
     assert (info.train_size, info.test_size) == (30, 5)
     assert (train.num_samples, len(train), test.num_samples, len(test)) == (30, 4, 5, 1)
@@ -188,7 +173,7 @@ def test_cifar10_reads_the_release_format_like_torchvision(cifar10, monkeypatch)
 
 def test_cifar10_normalisation_is_roughly_standard(cifar10):
     root, _ = cifar10
-    train, _, _ = build_loaders(spec("cifar10", root, batch_size=30, augment=False), device=CPU, seed=0)
+    train, _, _ = loaders(spec("cifar10", root, batch_size=30, augment=False), device=CPU, seed=0)
     images, _ = collect(train)
     # uniform random pixels: mean 127.5 / 255 and std 73.9 / 255 per channel
     mean, std = NORMALISATION["cifar10"]
@@ -207,7 +192,7 @@ def test_cifar100_uses_fine_labels(tmp_path, monkeypatch):
     reference = tv_cifar.CIFAR100(str(tmp_path), train=True)
     assert reference.targets == train_y.tolist()
 
-    train, test, info = build_loaders(spec("cifar100", tmp_path, batch_size=4), device=CPU, seed=3)
+    train, test, info = loaders(spec("cifar100", tmp_path, batch_size=4), device=CPU, seed=3)
     assert (info.num_classes, info.in_channels, info.train_size, info.test_size) == (100, 3, 12, 7)
     images, labels = collect(test)
     torch.testing.assert_close(images, normalise(test_x, "cifar100"), rtol=0, atol=1e-5)
@@ -220,16 +205,16 @@ def test_cifar100_uses_fine_labels(tmp_path, monkeypatch):
 def test_cifar_labels_out_of_range_are_a_user_error(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     write_cifar10(tmp_path)
-    _pickle(folder / "test_batch", {"labels": [0, 10], "data": np.zeros((2, 3072), np.uint8)})
+    pickle_to(folder / "test_batch", {"labels": [0, 10], "data": np.zeros((2, 3072), np.uint8)})
     with pytest.raises(MssarError, match=r"labels must be in \[0, 10\)"):
-        build_loaders(spec("cifar10", tmp_path), device=CPU, seed=0)
+        loaders(spec("cifar10", tmp_path), device=CPU, seed=0)
 
 
 def test_unreadable_cifar_batch_is_a_user_error(tmp_path):
     write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"not a pickle")
     with pytest.raises(MssarError, match="data_batch_2"):
-        build_loaders(spec("cifar10", tmp_path), device=CPU, seed=0)
+        loaders(spec("cifar10", tmp_path), device=CPU, seed=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +225,7 @@ def test_unreadable_cifar_batch_is_a_user_error(tmp_path):
 @pytest.mark.parametrize("layout", ["", "fashion-mnist", "FashionMNIST/raw"])
 def test_fashion_mnist_idx_files_are_padded_to_32(tmp_path, layout):
     (train_x, train_y), (test_x, test_y) = write_fashion(tmp_path / layout)
-    train, test, info = build_loaders(
+    train, test, info = loaders(
         spec("fashion-mnist", tmp_path, batch_size=8, augment=False), device=CPU, seed=0
     )
     # found our files, not the system copy
@@ -251,18 +236,25 @@ def test_fashion_mnist_idx_files_are_padded_to_32(tmp_path, layout):
     assert images.shape == (9, 1, 32, 32) and images.dtype == torch.float32
     assert torch.equal(labels, test_y) and labels.dtype == torch.int64
     # the 28x28 image in the middle, a 2-pixel border of black (grey level 0) around it
-    torch.testing.assert_close(images[:, :, 2:30, 2:30], normalise(test_x[:, None], "fashion-mnist"),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        images[:, :, 2:30, 2:30], normalise(test_x[:, None], "fashion-mnist"), rtol=0, atol=1e-5
+    )
     border = torch.ones(32, 32, dtype=torch.bool)
     border[2:30, 2:30] = False
     mean, std = NORMALISATION["fashion-mnist"]
-    torch.testing.assert_close(images[:, 0, border], torch.full((9, int(border.sum())), -mean[0] / std[0]))
+    torch.testing.assert_close(
+        images[:, 0, border], torch.full((9, int(border.sum())), -mean[0] / std[0])
+    )
 
     order = train.epoch_plan()[0]
     images, labels = collect(train)
     assert images.shape == (20, 1, 32, 32)
-    torch.testing.assert_close(images[:, :, 2:30, 2:30], normalise(train_x[order][:, None], "fashion-mnist"),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        images[:, :, 2:30, 2:30],
+        normalise(train_x[order][:, None], "fashion-mnist"),
+        rtol=0,
+        atol=1e-5,
+    )
     assert torch.equal(labels, train_y[order])
 
 
@@ -271,7 +263,7 @@ def test_fashion_mnist_bad_magic_is_a_user_error(tmp_path):
     with gzip.open(tmp_path / FASHION_FILES["test_labels"], "wb") as handle:
         handle.write(_idx_bytes(np.zeros(9, np.uint8), 2051))  # an images magic on a labels file
     with pytest.raises(MssarError, match="magic 2049"):
-        build_loaders(spec("fashion-mnist", tmp_path), device=CPU, seed=0)
+        loaders(spec("fashion-mnist", tmp_path), device=CPU, seed=0)
 
 
 @pytest.mark.skipif(
@@ -280,11 +272,17 @@ def test_fashion_mnist_bad_magic_is_a_user_error(tmp_path):
 )
 def test_fashion_mnist_system_copy_loads(tmp_path):
     # an empty root: the search falls through to the Debian package's directory
-    train, test, info = build_loaders(
+    train, test, info = loaders(
         spec("fashion-mnist", tmp_path, batch_size=1000, eval_batch_size=10_000, augment=False),
-        device=CPU, seed=0,
+        device=CPU,
+        seed=0,
     )
-    assert (info.train_size, info.test_size, info.num_classes, info.in_channels) == (60000, 10000, 10, 1)
+    assert (info.train_size, info.test_size, info.num_classes, info.in_channels) == (
+        60000,
+        10000,
+        10,
+        1,
+    )
     assert (train.num_samples, test.num_samples) == (60000, 10000)
     images, labels = next(iter(test))
     assert images.shape == (10000, 1, 32, 32)
@@ -293,7 +291,9 @@ def test_fashion_mnist_system_copy_loads(tmp_path):
     inner = images[:, :, 2:30, 2:30]
     assert abs(inner.mean().item()) < 0.02 and abs(inner.std().item() - 1) < 0.02
     mean, std = NORMALISATION["fashion-mnist"]
-    torch.testing.assert_close(images[:, :, :2, :], torch.full_like(images[:, :, :2, :], -mean[0] / std[0]))
+    torch.testing.assert_close(
+        images[:, :, :2, :], torch.full_like(images[:, :, :2, :], -mean[0] / std[0])
+    )
     # the training labels: 6000 of each class
     assert torch.equal(torch.bincount(train.labels, minlength=10), torch.full((10,), 6000))
 
@@ -306,19 +306,19 @@ def test_fashion_mnist_system_copy_loads(tmp_path):
 def test_subset_and_test_subset_sizes(cifar10):
     root, _ = cifar10
     s = spec("cifar10", root, batch_size=8, subset=17, test_subset=3)
-    train, test, info = build_loaders(s, device=CPU, seed=0)
+    train, test, info = loaders(s, device=CPU, seed=0)
     assert (info.train_size, info.test_size) == (17, 3)
     # 17 = 2 x 8 + 1: a last batch of one image is dropped (BatchNorm cannot train on it)
     assert (train.num_samples, len(train)) == (16, 2)
     assert (test.num_samples, len(test)) == (3, 1)
     assert sum(len(b[1]) for b in train) == 16 and sum(len(b[1]) for b in test) == 3
     # the subset is fixed by its own seed: the same images for every run seed
-    other, _, _ = build_loaders(s, device=CPU, seed=5)
+    other, _, _ = loaders(s, device=CPU, seed=5)
     assert torch.equal(train.images, other.images)
-    full, _, _ = build_loaders(spec("cifar10", root, batch_size=8, subset=18), device=CPU, seed=0)
+    full, _, _ = loaders(spec("cifar10", root, batch_size=8, subset=18), device=CPU, seed=0)
     assert (full.num_samples, len(full)) == (18, 3)
     with pytest.raises(MssarError, match="only 30 images"):
-        build_loaders(spec("cifar10", root, subset=31), device=CPU, seed=0)
+        loaders(spec("cifar10", root, subset=31), device=CPU, seed=0)
     test_only, info = build_test_loader(spec("cifar10", root, test_subset=4), device=CPU)
     assert test_only.num_samples == 4 and info.test_size == 4
 
@@ -326,8 +326,8 @@ def test_subset_and_test_subset_sizes(cifar10):
 def test_same_seed_and_epoch_give_the_same_batches(cifar10):
     root, _ = cifar10
     s = spec("cifar10", root, batch_size=8)
-    first, _, _ = build_loaders(s, device=CPU, seed=1)
-    second, _, _ = build_loaders(s, device=CPU, seed=1)
+    first, _, _ = loaders(s, device=CPU, seed=1)
+    second, _, _ = loaders(s, device=CPU, seed=1)
     for epoch in range(3):  # `first` has lived through epochs 0 and 1; `second` jumps to 2
         first.set_epoch(epoch)
         a = collect(first)
@@ -338,14 +338,14 @@ def test_same_seed_and_epoch_give_the_same_batches(cifar10):
     second.set_epoch(3)
     c = collect(second)
     assert not torch.equal(a[0], c[0])
-    other_seed, _, _ = build_loaders(s, device=CPU, seed=2)
+    other_seed, _, _ = loaders(s, device=CPU, seed=2)
     other_seed.set_epoch(2)
     assert not torch.equal(a[0], collect(other_seed)[0])
 
 
 def test_loaders_do_not_touch_the_global_rng(cifar10):
     root, _ = cifar10
-    train, test, _ = build_loaders(spec("cifar10", root, batch_size=8), device=CPU, seed=0)
+    train, test, _ = loaders(spec("cifar10", root, batch_size=8), device=CPU, seed=0)
     state = torch.get_rng_state()
     collect(train)
     collect(test)
@@ -356,8 +356,8 @@ def test_loaders_do_not_touch_the_global_rng(cifar10):
 def test_two_ranks_partition_the_training_epoch(cifar10, subset, per_rank):
     root, _ = cifar10
     s = spec("cifar10", root, batch_size=4, subset=subset)
-    single, single_test, _ = build_loaders(s, device=CPU, seed=7)
-    ranks = [build_loaders(s, device=CPU, seed=7, rank=r, world_size=2) for r in (0, 1)]
+    single, single_test, _ = loaders(s, device=CPU, seed=7)
+    ranks = [loaders(s, device=CPU, seed=7, rank=r, world_size=2) for r in (0, 1)]
     for epoch in (0, 4):
         single.set_epoch(epoch)
         plans = []
@@ -365,7 +365,13 @@ def test_two_ranks_partition_the_training_epoch(cifar10, subset, per_rank):
             train.set_epoch(epoch)
             plans.append(train.epoch_plan())
         order0, order1 = plans[0][0], plans[1][0]
-        assert len(order0) == len(order1) == ranks[0][0].num_samples == ranks[1][0].num_samples == per_rank
+        assert (
+            len(order0)
+            == len(order1)
+            == ranks[0][0].num_samples
+            == ranks[1][0].num_samples
+            == per_rank
+        )
         assert not set(order0.tolist()) & set(order1.tolist())  # disjoint
         # the same draws as the single process, dealt out r::2
         s_order, s_offsets, s_flips = single.epoch_plan()
@@ -382,12 +388,12 @@ def test_two_ranks_partition_the_training_epoch(cifar10, subset, per_rank):
     assert len(shards[0]) + len(shards[1]) == single_test.num_samples == 5
     assert torch.equal(torch.cat(shards).sort().values, collect(single_test)[1].sort().values)
     with pytest.raises(MssarError, match="rank"):
-        build_loaders(s, device=CPU, seed=0, rank=2, world_size=2)
+        loaders(s, device=CPU, seed=0, rank=2, world_size=2)
 
 
 def test_augmentation_is_pad4_crop_and_flip_per_image(cifar10):
     root, ((train_x, train_y), _) = cifar10
-    train, _, _ = build_loaders(spec("cifar10", root, batch_size=8, augment=True), device=CPU, seed=4)
+    train, _, _ = loaders(spec("cifar10", root, batch_size=8, augment=True), device=CPU, seed=4)
     train.set_epoch(2)
     order, offsets, flips = train.epoch_plan()
     images, labels = collect(train)
@@ -402,12 +408,14 @@ def test_augmentation_is_pad4_crop_and_flip_per_image(cifar10):
         crop = padded[:, dy : dy + 32, dx : dx + 32]
         if flips[i]:
             crop = crop.flip(-1)
-        torch.testing.assert_close(images[i], normalise(crop[None], "cifar10")[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            images[i], normalise(crop[None], "cifar10")[0], rtol=0, atol=1e-5
+        )
         assert labels[i] == train_y[order[i]]
 
 
 def test_augmentation_draws_are_uniform_crops_and_fair_flips():
-    loader, _, _ = build_loaders(DataSpec("synthetic", batch_size=64), device=CPU, seed=0)
+    loader, _, _ = loaders(DataSection("synthetic", batch_size=64), device=CPU, seed=0)
     counts_flip, counts_offset = [], torch.zeros(9)
     for epoch in range(4):
         loader.set_epoch(epoch)
@@ -421,7 +429,7 @@ def test_augmentation_draws_are_uniform_crops_and_fair_flips():
 
 def test_no_augmentation_at_test_time_or_when_off(cifar10):
     root, (_, (test_x, _)) = cifar10
-    train, test, _ = build_loaders(spec("cifar10", root, batch_size=8, augment=False), device=CPU, seed=0)
+    train, test, _ = loaders(spec("cifar10", root, batch_size=8, augment=False), device=CPU, seed=0)
     _, offsets, flips = train.epoch_plan()
     assert offsets is None and flips is None
     test.set_epoch(3)
@@ -429,9 +437,9 @@ def test_no_augmentation_at_test_time_or_when_off(cifar10):
 
 
 def test_synthetic_task_is_the_same_for_every_seed():
-    s = DataSpec("synthetic", subset=64, test_subset=32)
-    a, at, info = build_loaders(s, device=CPU, seed=0)
-    b, bt, _ = build_loaders(s, device=CPU, seed=9)
+    s = DataSection("synthetic", subset=64, test_subset=32)
+    a, at, info = loaders(s, device=CPU, seed=0)
+    b, bt, _ = loaders(s, device=CPU, seed=9)
     assert (info.num_classes, info.in_channels, info.train_size, info.test_size) == (10, 3, 64, 32)
     assert torch.equal(a.images, b.images) and torch.equal(collect(at)[0], collect(bt)[0])
     images = collect(at)[0]
@@ -451,7 +459,7 @@ def imagenet(tmp_path):
 
 def test_imagenet_folders_load(imagenet):
     s = spec("imagenet", imagenet, batch_size=4, eval_batch_size=4, workers=0)
-    train, test, info = build_loaders(s, device=CPU, seed=0)
+    train, test, info = loaders(s, device=CPU, seed=0)
     assert isinstance(train, FolderLoader) and isinstance(test, FolderLoader)
     assert (info.num_classes, info.in_channels, info.image_size) == (3, 3, 224)
     assert (info.train_size, info.test_size) == (12, 6)
@@ -476,10 +484,12 @@ def test_imagenet_folders_load(imagenet):
 
 
 def test_imagenet_subset_seeding_and_ranks(imagenet):
-    s = spec("imagenet", imagenet, batch_size=2, eval_batch_size=4, workers=0, subset=8, test_subset=3)
-    train, test, info = build_loaders(s, device=CPU, seed=1)
+    s = spec(
+        "imagenet", imagenet, batch_size=2, eval_batch_size=4, workers=0, subset=8, test_subset=3
+    )
+    train, test, info = loaders(s, device=CPU, seed=1)
     assert (info.train_size, info.test_size, train.num_samples, test.num_samples) == (8, 3, 8, 3)
-    again, _, _ = build_loaders(s, device=CPU, seed=1)
+    again, _, _ = loaders(s, device=CPU, seed=1)
     state = torch.get_rng_state()
     train.set_epoch(1)
     again.set_epoch(1)
@@ -491,7 +501,7 @@ def test_imagenet_subset_seeding_and_ranks(imagenet):
 
     keys = []
     for r in (0, 1):
-        shard, _, _ = build_loaders(s, device=CPU, seed=1, rank=r, world_size=2)
+        shard, _, _ = loaders(s, device=CPU, seed=1, rank=r, world_size=2)
         shard.set_epoch(1)
         keys.append(shard.epoch_keys())
         assert shard.num_samples == 4 and sum(len(batch[1]) for batch in shard) == 4
@@ -506,7 +516,7 @@ def test_imagenet_class_folders_must_match(imagenet):
 
     Image.new("RGB", (32, 32)).save(imagenet / "val" / "n09999999" / "x.JPEG")
     with pytest.raises(MssarError, match="class folders differ"):
-        build_loaders(spec("imagenet", imagenet, workers=0), device=CPU, seed=0)
+        loaders(spec("imagenet", imagenet, workers=0), device=CPU, seed=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,7 +529,7 @@ def test_missing_dataset_names_every_searched_path(tmp_path, monkeypatch, datase
     root = tmp_path / "empty"
     root.mkdir()
     nowhere = tmp_path / "no-system-copy"
-    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", nowhere)
+    monkeypatch.setattr(data.formats, "FASHION_SYSTEM_DIR", nowhere)
     searched = {
         "cifar10": [root / "cifar-10-batches-py"],
         "cifar100": [root / "cifar-100-python"],
@@ -527,7 +537,7 @@ def test_missing_dataset_names_every_searched_path(tmp_path, monkeypatch, datase
         "imagenet": [root / "train"],
     }[dataset]
     with pytest.raises(MssarError) as caught:
-        build_loaders(spec(dataset, root, workers=0), device=CPU, seed=0)
+        loaders(spec(dataset, root, workers=0), device=CPU, seed=0)
     message = str(caught.value)
     assert "\n" not in message
     assert "not found" in message
@@ -542,7 +552,7 @@ def test_missing_imagenet_val_is_named(imagenet):
 
     shutil.rmtree(imagenet / "val")
     with pytest.raises(MssarError, match=str(imagenet / "val")):
-        build_loaders(spec("imagenet", imagenet, workers=0), device=CPU, seed=0)
+        loaders(spec("imagenet", imagenet, workers=0), device=CPU, seed=0)
 
 
 def test_partial_cifar_names_the_missing_files(tmp_path):
@@ -550,11 +560,52 @@ def test_partial_cifar_names_the_missing_files(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
     (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
     with pytest.raises(MssarError, match="missing data_batch_4, test_batch"):
-        build_loaders(spec("cifar10", tmp_path), device=CPU, seed=0)
+        loaders(spec("cifar10", tmp_path), device=CPU, seed=0)
 
 
 def test_device_loader_contract():
-    loader, _, _ = build_loaders(DataSpec("synthetic", subset=100, batch_size=32), device=CPU, seed=0)
+    loader, _, _ = loaders(DataSection("synthetic", subset=100, batch_size=32), device=CPU, seed=0)
     assert isinstance(loader, DeviceLoader) and isinstance(loader, data.Loader)
     assert (loader.num_samples, len(loader)) == (100, 4)
     assert [len(b[1]) for b in loader] == [32, 32, 32, 4]
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe's data section is the only schema: its loader refuses what the data never sees
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("dataset", "mnist", "data.dataset: expected one of cifar10 | cifar100 | imagenet"),
+        ("batch_size", 0, "data.batch_size: expected a value > 0, got 0"),
+        ("batch_size", True, "data.batch_size: expected an integer, got True"),
+        ("eval_batch_size", -8, "data.eval_batch_size: expected a value > 0, got -8"),
+        ("subset", 0, "data.subset: expected a value > 0, got 0"),
+        ("test_subset", 2.5, "data.test_subset: expected an integer or null, got 2.5"),
+        ("workers", -1, "data.workers: expected a value >= 0, got -1"),
+        ("workers", False, "data.workers: expected an integer, got False"),
+    ],
+)
+def test_recipe_refuses_bad_data_values_in_one_line(key, value, expected):
+    with pytest.raises(RecipeError) as caught:
+        from_dict({"experiment": "bad", "data": {key: value}}, "bad.yaml")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"bad.yaml: {expected}")
+
+
+def test_the_engine_gives_each_rank_its_share_of_the_batch():
+    recipe = from_dict({"experiment": "x", "data": {"batch_size": 12, "subset": 96}}, "x.yaml")
+    assert [per_rank_batch_size(recipe, n) for n in (1, 2, 3, 4)] == [12, 6, 4, 3]
+    with pytest.raises(
+        MssarError, match=r"^x\.yaml: data\.batch_size: 12 is not divisible by the 5 processes$"
+    ):
+        per_rank_batch_size(recipe, 5)
+    # the loaders take the per-rank batch, not the recipe's global one
+    train, test, _ = build_loaders(
+        recipe.data, batch_size=6, device=CPU, seed=0, rank=1, world_size=2
+    )
+    assert (train.batch_size, train.num_samples, len(train)) == (6, 48, 8)
+    assert test.batch_size == recipe.data.eval_batch_size

@@ -1,7 +1,7 @@
 """Model registry and networks (SPEC.md §2-3): every network with every recalibration trains
 (forward and backward), the ImageNet baselines *are* torchvision's, the modules sit where the
 paper puts them with the widths of SPEC.md §1, options reach the modules, bad input fails with
-a ValueError that names the valid choices, and the paper's cost accounting of ResNet-20 holds.
+a ModelError that names the valid choices, and the paper's cost accounting of ResNet-20 holds.
 
 Oracles: torchvision's own networks, closed-form parameter counts (MS-SAR, SE, DenseNet-BC) and
 hand-counted convolution MACs. Everything runs on batches of 2 and small inputs.
@@ -18,14 +18,17 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from mssar_cli import complexity
-from mssar_cli.models import MODELS, MODULE_OPTIONS, create_model, list_models, model_spec
+from mssar_cli.errors import ModelError, MssarError
+from mssar_cli.models import MODELS, create_model, list_models, model_spec
 from mssar_cli.models.blocks import (
     RecalibratedBasicBlock,
     RecalibratedBottleneck,
     with_recalibration,
 )
 from mssar_cli.models.densenet import DenseLayer
-from mssar_cli.recalibration import MSSAR, RECALIBRATIONS, ScaleBranch, SqueezeExcitation
+from mssar_cli.recalibration import RECALIBRATIONS, option_names
+from mssar_cli.recalibration.mssar import MSSAR, ScaleBranch
+from mssar_cli.recalibration.se import SqueezeExcitation
 
 NUM_CLASSES = 7  # not a default of any family, so the classifier width is really passed through
 CIFAR_RESNETS = ["resnet20", "resnet32", "resnet56"]
@@ -48,16 +51,10 @@ UNITS = {
     "resnet34": 16,
     "resnext50": 16,
 }
-IMAGENET_SIZE = 64  # layer4 is 2x2 here, so MS-SAR runs with scales {1, 2}
+IMAGENET_SIZE = 64  # layer4 is 2x2 here: MS-SAR's K = 4 is clamped to 2 x 2 regions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is shared: one intra-op thread is faster than fighting for two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(module: nn.Module) -> int:
@@ -155,8 +152,8 @@ def test_densenet100_trains(recalibration, stage):
 @pytest.mark.parametrize("recalibration", RECALS)
 @pytest.mark.parametrize("name", IMAGENET)
 def test_imagenet_network_trains(name, recalibration):
-    options = {"scales": (1, 2)} if recalibration == "mssar" else {}
-    model = create_model(name, num_classes=NUM_CLASSES, recalibration=recalibration, **options)
+    """At 64x64, with the default scales {1, 2, 4} on a 2x2 last stage."""
+    model = create_model(name, num_classes=NUM_CLASSES, recalibration=recalibration)
     check_trains(model, IMAGENET_SIZE)
 
 
@@ -171,10 +168,22 @@ def test_mssar_sliding_direct_network_trains():
     check_trains(model, 32, num_classes=10)
 
 
-def test_scale_larger_than_feature_map_fails_at_forward():
-    model = create_model("resnet20", recalibration="mssar", scales=(16,))  # layer3 is 8x8
-    with pytest.raises(ValueError, match="larger than the 8x8"):
-        model(torch.randn(2, 3, 32, 32))
+@pytest.mark.parametrize("implementation", ["fast", "autograd", "direct"])
+def test_scale_larger_than_feature_map_is_clamped(implementation):
+    """layer3 of ResNet-20 is 8x8 and layer2 16x16: K = 16 is clamped there, and every
+    implementation computes the same network."""
+    model = create_model(
+        "resnet20", recalibration="mssar", scales=(1, 16), implementation=implementation
+    )
+    check_trains(model, 32, num_classes=10)
+    torch.manual_seed(2)
+    reference = create_model(
+        "resnet20", recalibration="mssar", scales=(1, 16), implementation="direct"
+    )
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference.eval()(x), rtol=1e-4, atol=1e-5)
 
 
 # --- DenseNet-BC parameter counts (closed form) -------------------------------------------------
@@ -379,7 +388,7 @@ def test_mssar_defaults_cifar_resnet():
 
 
 def test_none_options_take_the_family_defaults():
-    explicit_none = dict.fromkeys(MODULE_OPTIONS)  # every option None
+    explicit_none = dict.fromkeys([*option_names(), "stage"])  # every option None
     a = build_meta("resnet20", "mssar", **explicit_none)
     b = build_meta("resnet20", "mssar")
     assert n_params(a) == n_params(b)
@@ -453,7 +462,7 @@ def test_imagenet_default_reduction_is_senets():
 
 def test_unknown_model_lists_the_known_ones():
     for call in (lambda: create_model("resnet21"), lambda: model_spec("resnet21")):
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(ModelError) as info:
             call()
         message = str(info.value)
         assert "resnet21" in message
@@ -461,17 +470,18 @@ def test_unknown_model_lists_the_known_ones():
 
 
 def test_unknown_recalibration_lists_the_known_ones():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ModelError) as info:
         create_model("resnet20", recalibration="cbam")
     assert all(kind in str(info.value) for kind in RECALS)
 
 
-def test_unknown_option_lists_the_known_ones():
-    with pytest.raises(ValueError) as info:
-        create_model("resnet20", recalibration="mssar", width=3)
+@pytest.mark.parametrize("recalibration", RECALS)
+def test_unknown_option_lists_the_known_ones(recalibration):
+    with pytest.raises(ModelError) as info:
+        create_model("resnet20", recalibration=recalibration, width=3)
     message = str(info.value)
-    assert "width" in message
-    assert all(option in message for option in MODULE_OPTIONS)
+    assert f"{recalibration!r} does not take 'width'" in message
+    assert all(option in message for option in RECALIBRATIONS[recalibration].options)
 
 
 @pytest.mark.parametrize(
@@ -490,16 +500,20 @@ def test_unknown_option_lists_the_known_ones():
         ("densenet100", "none", {"stage": "both"}, "single.*multi"),
         ("resnet20", "mssar", {"stage": "single"}, "only to DenseNets"),
         ("resnet18", "none", {"stage": "multi"}, "only to DenseNets"),
-        ("resnet20", "se", {"scales": (1, 2)}, "only to recalibration 'mssar'"),
-        ("resnet20", "se", {"strategy": "sliding"}, "only to recalibration 'mssar'"),
-        ("resnet20", "none", {"scales": (1, 2)}, "only to recalibration 'mssar'"),
-        ("resnet20", "none", {"reduction": 3}, "does not apply"),
+        ("resnet20", "se", {"scales": (1, 2)}, "'se' does not take 'scales'.*reduction"),
+        ("resnet20", "se", {"strategy": "sliding"}, "'se' does not take 'strategy'"),
+        ("resnet20", "se", {"implementation": "direct"}, "'se' does not take 'implementation'"),
+        ("resnet20", "none", {"scales": (1, 2)}, "'none' does not take 'scales'"),
+        ("resnet20", "none", {"reduction": 3}, "'none' does not take 'reduction'"),
+        ("resnet20", "mssar", {"reduction": "3"}, "reduction must be a positive number"),
         ("resnet18", "none", {"in_channels": 1}, "3-channel"),
+        ("resnet20", "none", {"in_channels": 0}, "in_channels must be a positive integer"),
     ],
 )
 def test_bad_option_values(name, recalibration, options, expected):
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(ModelError, match=expected) as info:
         build_meta(name, recalibration, **options)
+    assert isinstance(info.value, MssarError)  # one line at the CLI, no traceback
 
 
 # --- MS-SAR parameter formula (SPEC.md §1) ------------------------------------------------------
@@ -561,6 +575,38 @@ def test_resnet20_cost_matches_paper_accounting():
     assert abs(flops - 40.8e6) <= 0.005 * 40.8e6
     assert round(flops / 1e6, 2) == 40.81
     assert model.training  # count_flops restores the mode
+    assert complexity.measure("resnet20") == complexity.Complexity(params, flops)
+
+
+def test_measure_counts_the_direct_form_at_any_input_size():
+    """FLOPs are counted on a model built in the direct form (paper §3.5: the MLPs on the pooled
+    positions): the same parameters as the default build, and every module direct."""
+    counted = complexity.build_for_counting("resnet20", "mssar")
+    modules = recalibration_modules(counted, "mssar")
+    assert modules and all(m.implementation == "direct" for m in modules)
+    default = create_model("resnet20", recalibration="mssar")
+    assert {m.implementation for m in recalibration_modules(default, "mssar")} == {"fast"}
+    measured = complexity.measure("resnet20", "mssar")
+    assert measured.params == n_params(default)
+    assert measured.flops == complexity.count_flops(counted, 32)
+    # paper §3.5: 2 D D' sum_l K_l^2 extra MACs per module, and b2 (D per region) as counted
+    plain = complexity.measure("resnet20")
+    extra = sum(
+        3 * (d * width(d, 3, 3) * (1 + 4 + 16) * 2 + d * (1 + 4 + 16)) for d in (16, 32, 64)
+    )
+    assert measured.flops - plain.flops == extra
+    # sliding: 2 L W H D D' (every scale's MLP at every position, K = 1's global window too)
+    sliding = complexity.measure("resnet20", "mssar", strategy="sliding")
+    maps = ((16, 32 * 32), (32, 16 * 16), (64, 8 * 8))
+    extra = sum(3 * 3 * positions * (2 * d * width(d, 3, 3) + d) for d, positions in maps)
+    assert sliding.flops - plain.flops == extra
+    # an explicit input size and channel count (a 2x2 last stage: K = 4 clamped)
+    small = complexity.measure("resnet18", "mssar", num_classes=10, input_size=64)
+    assert small.params == n_params(build_meta("resnet18", "mssar")) + (10 - NUM_CLASSES) * 513
+    gray = complexity.measure("resnet20", in_channels=1)
+    assert gray.params == plain.params - 2 * 16 * 9
+    single = complexity.measure("densenet100", "mssar", stage="single")
+    assert single.params < complexity.measure("densenet100", "mssar").params
 
 
 def test_projection_params_only_for_cifar_resnets():

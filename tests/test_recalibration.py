@@ -1,8 +1,9 @@
 """MS-SAR and SE modules (SPEC.md §1) and the exact regional partitions behind them.
 
 Oracles: brute-force Python loops over positions for the regional partition and the sliding
-window, the ``implementation="direct"`` module (same parameters) for the fast path, and the
-parameter-count formulas of SPEC.md §1. Everything runs on small maps and small batches.
+window, the ``implementation="direct"`` module (same parameters) for the fast and autograd
+implementations, and the parameter-count formulas of SPEC.md §1. Everything runs on small maps
+and small batches.
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ import torch
 import torchvision
 from torch import nn
 
-from mssar_cli.partition import axis_plan, grid_plan, region_bounds, region_of_index
-from mssar_cli.recalibration import (
-    MSSAR,
-    ScaleBranch,
-    SqueezeExcitation,
-    bottleneck_width,
-    make_recalibration,
-    sliding_radius,
+from mssar_cli import fused_gate
+from mssar_cli.errors import ModelError, MssarError
+from mssar_cli.fused_gate_layouts import BandLayout, MatrixLayout
+from mssar_cli.partition import (
+    axis_plan,
+    grid_plan,
+    region_bounds,
+    region_of_index,
+    regions_along,
 )
+from mssar_cli.recalibration import RECALIBRATIONS, recalibration_factory
+from mssar_cli.recalibration.mssar import IMPLEMENTATIONS, MSSAR, ScaleBranch, sliding_radius
+from mssar_cli.recalibration.se import SqueezeExcitation
+from mssar_cli.recalibration.width import bottleneck_width
 
 SCALE_SETS = [(1,), (2,), (4,), (1, 2), (1, 4), (2, 4), (1, 2, 4), (1, 3)]
 SIZES = [(32, 32), (8, 8), (7, 7), (9, 13)]
@@ -31,6 +37,12 @@ SIZES = [(32, 32), (8, 8), (7, 7), (9, 13)]
 EQUIV_SIZES = [(32, 32), (16, 16), (14, 14), (8, 8), (7, 7), (9, 13), (18, 17)]
 STRATEGIES = ["regional", "sliding"]
 CHANNELS, SOURCE_CHANNELS = 8, 12
+
+
+def make_recalibration(kind, channels, source_channels=None, family_reduction=3, **options):
+    """The module the registry builds for ``kind`` (None for the plain network)."""
+    factory = recalibration_factory(kind, options, family_reduction)
+    return None if factory is None else factory(channels, source_channels)
 
 
 def scale_id(scales) -> str:
@@ -143,13 +155,13 @@ def brute_force_regional(m: MSSAR, source: torch.Tensor) -> torch.Tensor:
     n, _, height, width = source.shape
     total = torch.zeros(n, m.channels, height, width, dtype=source.dtype)
     for idx, k in enumerate(m.scales):
+        kh, kw = min(k, height), min(k, width)  # a scale larger than an axis is clamped to it
         members = {}
         for i in range(height):
             for j in range(width):
-                members.setdefault((math.floor(i * k / height), math.floor(j * k / width)), []).append(
-                    (i, j)
-                )
-        assert len(members) == k * k
+                region = (math.floor(i * kh / height), math.floor(j * kw / width))
+                members.setdefault(region, []).append((i, j))
+        assert len(members) == kh * kw
         pooled = {}
         for region, positions in members.items():
             acc = torch.zeros(n, source.shape[1], dtype=source.dtype)
@@ -174,10 +186,16 @@ REGIONAL_CASES = [
     ((1, 3), (9, 13)),
     ((2, 4), (14, 14)),
     ((3,), (7, 10)),
+    # scales larger than an axis: clamped, rows and columns separately
+    ((4,), (3, 3)),
+    ((1, 2, 4), (2, 2)),
+    ((5,), (4, 9)),
+    ((1, 3), (9, 2)),
+    ((2, 4), (1, 6)),
 ]
 
 
-@pytest.mark.parametrize("implementation", ["fast", "direct"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("with_source", [False, True], ids=["self", "source"])
 @pytest.mark.parametrize(
     "scales,size", REGIONAL_CASES, ids=[f"{scale_id(s)}-{size_id(z)}" for s, z in REGIONAL_CASES]
@@ -188,7 +206,9 @@ def test_regional_matches_brute_force(scales, size, with_source, implementation)
     m = MSSAR(CHANNELS, scales, "regional", source_channels=source_channels)
     m = randomize_bn(m).double().eval()
     m.implementation = implementation
-    x, source = make_inputs(2, CHANNELS, *size, source_channels=source_channels, dtype=torch.float64)
+    x, source = make_inputs(
+        2, CHANNELS, *size, source_channels=source_channels, dtype=torch.float64
+    )
     with torch.no_grad():
         expected = brute_force_regional(m, x if source is None else source)
         out = m(x, source)
@@ -196,7 +216,7 @@ def test_regional_matches_brute_force(scales, size, with_source, implementation)
 
 
 def test_regional_is_not_adaptive_avg_pool_on_7x7():
-    """F.adaptive_avg_pool2d(7x7, 4) overlaps its windows; the exact partition must differ from it."""
+    """F.adaptive_avg_pool2d(7x7, 4) overlaps its windows; the exact partition differs from it."""
     torch.manual_seed(4)
     m = randomize_bn(MSSAR(CHANNELS, (4,), "regional")).double().eval()
     x, _ = make_inputs(1, CHANNELS, 7, 7, dtype=torch.float64)
@@ -243,10 +263,12 @@ SLIDING_CASES = [
     ((4,), (9, 13)),
     ((2,), (12, 12)),
     ((1,), (5, 11)),
+    ((8,), (3, 5)),  # radius floor(sqrt(15) / 8) = 0: each position alone
+    ((1, 2, 4), (2, 2)),
 ]
 
 
-@pytest.mark.parametrize("implementation", ["fast", "direct"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("with_source", [False, True], ids=["self", "source"])
 @pytest.mark.parametrize(
     "scales,size", SLIDING_CASES, ids=[f"{scale_id(s)}-{size_id(z)}" for s, z in SLIDING_CASES]
@@ -307,10 +329,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / denom)
 
 
+def flat(grads: dict, keys: list[str]) -> torch.Tensor:
+    """The gradients of ``keys`` as one vector (the parameter gradient the optimizer sees)."""
+    return torch.cat([grads[key].flatten() for key in keys])
+
+
 def covers_whole_map(strategy, scales, size) -> bool:
-    return strategy == "sliding" and any(
-        sliding_radius(*size, k) >= max(size) - 1 for k in scales
-    )
+    return strategy == "sliding" and any(sliding_radius(*size, k) >= max(size) - 1 for k in scales)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -341,8 +366,7 @@ def test_fast_equals_direct(strategy, scales, size, dtype):
         # width-1 BN bias are sums with heavy cancellation, so their own relative error in fp32
         # says nothing about the implementation (it is ~2e-5 for either one against float64).
         params = [key for key in want if key.startswith("param:")]
-        flat = lambda grads: torch.cat([grads[key].flatten() for key in params])
-        assert rel_err(flat(got), flat(want)) <= 1e-5
+        assert rel_err(flat(got, params), flat(want, params)) <= 1e-5
 
 
 @pytest.mark.parametrize("size", EQUIV_SIZES, ids=size_id)
@@ -369,7 +393,9 @@ def test_fast_equals_direct_when_only_some_inputs_need_grad(size, needs):
     fast = randomize_bn(MSSAR(CHANNELS, (1, 2, 4), source_channels=SOURCE_CHANNELS)).double()
     direct = copy.deepcopy(fast)
     direct.implementation = "direct"
-    x, source = make_inputs(4, CHANNELS, *size, source_channels=SOURCE_CHANNELS, dtype=torch.float64)
+    x, source = make_inputs(
+        4, CHANNELS, *size, source_channels=SOURCE_CHANNELS, dtype=torch.float64
+    )
     upstream = torch.randn_like(x)
     results = []
     for module in (fast, direct):
@@ -377,9 +403,7 @@ def test_fast_equals_direct_when_only_some_inputs_need_grad(size, needs):
         xx = x.clone().requires_grad_("x" in needs)
         ss = source.clone().requires_grad_(needs == "source")
         (module(xx, ss) * upstream).sum().backward()
-        results.append(
-            [xx.grad, ss.grad] + [p.grad for p in module.parameters()]
-        )
+        results.append([xx.grad, ss.grad] + [p.grad for p in module.parameters()])
     for got, want in zip(*results):
         assert (got is None) == (want is None)
         if want is not None:
@@ -414,12 +438,153 @@ def test_fast_direct_running_stats(strategy, scales, size):
     fast = MSSAR(CHANNELS, scales, strategy, source_channels=SOURCE_CHANNELS).double().train()
     direct = copy.deepcopy(fast)
     direct.implementation = "direct"
-    x, source = make_inputs(4, CHANNELS, *size, source_channels=SOURCE_CHANNELS, dtype=torch.float64)
+    x, source = make_inputs(
+        4, CHANNELS, *size, source_channels=SOURCE_CHANNELS, dtype=torch.float64
+    )
     with torch.no_grad():
         fast(x, source)
         direct(x, source)
     for (name, got), (_, want) in zip(fast.named_buffers(), direct.named_buffers()):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("size", EQUIV_SIZES, ids=size_id)
+@pytest.mark.parametrize("scales", SCALE_SETS, ids=scale_id)
+def test_autograd_equals_direct(scales, size):
+    """The autograd composition (what the fast form runs where the fused gate does not apply)
+    on its own, regional strategy: forward, every gradient and the running statistics."""
+    torch.manual_seed(6)
+    module = randomize_bn(MSSAR(CHANNELS, scales, source_channels=SOURCE_CHANNELS))
+    module = module.double().train()
+    module.implementation = "autograd"
+    direct = copy.deepcopy(module)
+    direct.implementation = "direct"
+    x, source = make_inputs(
+        8, CHANNELS, *size, source_channels=SOURCE_CHANNELS, dtype=torch.float64
+    )
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    got = forward_backward(module, x, source, upstream)
+    want = forward_backward(direct, x, source, upstream)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10, msg=key)
+
+
+CLAMP_CASES = [
+    ((4,), (3, 3)),
+    ((1, 2, 4), (2, 2)),
+    ((5,), (4, 9)),
+    ((1, 3), (9, 2)),
+    ((2, 4), (1, 6)),
+    ((1, 2, 4), (2, 64)),  # the fused gate's bands, one row each
+    ((4,), (3, 90)),  # non-uniform and too large for the gate's matrices: the composition
+]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(
+    "scales,size", CLAMP_CASES, ids=[f"{scale_id(s)}-{size_id(z)}" for s, z in CLAMP_CASES]
+)
+def test_scales_larger_than_the_map_agree_with_the_direct_oracle(
+    scales, size, strategy, dtype, implementation
+):
+    """A scale larger than an axis is clamped to it, rows and columns separately, in every
+    implementation: each equals the float64 direct form in training, forward and backward."""
+    torch.manual_seed(14)
+    module = randomize_bn(MSSAR(CHANNELS, scales, strategy, source_channels=SOURCE_CHANNELS))
+    module = module.train()
+    oracle = copy.deepcopy(module).double()
+    oracle.implementation = "direct"
+    module = module.to(dtype)
+    module.implementation = implementation
+    x, source = make_inputs(
+        4, CHANNELS, *size, source_channels=SOURCE_CHANNELS, dtype=torch.float64
+    )
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    want = forward_backward(oracle, x, source, upstream)
+    got = forward_backward(module, x.to(dtype), source.to(dtype), upstream.to(dtype))
+    assert got.keys() == want.keys()
+    if dtype == torch.float64:
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10, msg=key)
+        return
+    for key in want:
+        if not key.startswith("param:"):
+            assert rel_err(got[key], want[key]) <= 1e-5, key
+    params = [key for key in want if key.startswith("param:")]
+    assert rel_err(flat(got, params), flat(want, params)) <= 1e-5
+
+
+def test_clamped_regions_are_rows_and_columns():
+    """On a 3 x 9 map, K = 4 cuts 3 x 4 regions: each row its own, columns as usual."""
+    assert regions_along(3, 4) == 3 and regions_along(9, 4) == 4 and regions_along(4, 4) == 4
+    assert region_bounds(3, 4) == [0, 1, 2, 3] and region_bounds(9, 4) == [0, 3, 5, 7, 9]
+    assert region_of_index(2, 5) == [0, 1]
+    plan = grid_plan(3, 9, (1, 4), torch.device("cpu"), torch.float64)
+    assert plan.regions(4) == (3, 4) and plan.regions(1) == (1, 1)
+    torch.manual_seed(15)
+    module = randomize_bn(MSSAR(CHANNELS, (4,))).double().eval()
+    x, _ = make_inputs(2, CHANNELS, 3, 9, dtype=torch.float64)
+    with torch.no_grad():
+        gates = module(torch.ones_like(x), x)
+    for i, j in [(0, 0), (1, 5), (2, 8)]:  # region (i, col region of j)
+        cols = {0: slice(0, 3), 5: slice(5, 7), 8: slice(7, 9)}[j]
+        pooled = x[:, :, i, cols].mean(2)
+        torch.testing.assert_close(gates[:, :, i, j], module.branches[0](pooled))
+
+
+def single_value(strategy, scales, size) -> bool:
+    """Whether one image gives some scale a single pooled vector (BN sees one value)."""
+    if strategy == "sliding":
+        return any(sliding_radius(*size, k) >= max(size) - 1 for k in scales)
+    return any(regions_along(size[0], k) * regions_along(size[1], k) == 1 for k in scales)
+
+
+BATCH_ONE_CASES = [
+    ((1,), (8, 8)),
+    ((1, 2, 4), (8, 8)),
+    ((2, 4), (8, 8)),
+    ((1, 3), (9, 13)),  # sliding K = 1 is not global on this map
+    ((2,), (32, 32)),
+    ((4,), (1, 1)),  # every scale clamps to one region
+]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(
+    "scales,size", BATCH_ONE_CASES, ids=[f"{scale_id(s)}-{size_id(z)}" for s, z in BATCH_ONE_CASES]
+)
+def test_batch_of_one_has_the_same_outcome_in_every_implementation(
+    scales, size, strategy, training
+):
+    """One image: in training, a scale that pools it into one vector per channel leaves its BN
+    a single value, which every implementation refuses with nn.BatchNorm1d's ValueError; every
+    other case gives every implementation the direct form's result."""
+    torch.manual_seed(16)
+    module = randomize_bn(MSSAR(CHANNELS, scales, strategy)).double().train(training)
+    x, _ = make_inputs(1, CHANNELS, *size, dtype=torch.float64)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=x.dtype)
+    outcomes = {}
+    for implementation in IMPLEMENTATIONS:
+        m = copy.deepcopy(module)
+        m.implementation = implementation
+        try:
+            outcomes[implementation] = forward_backward(m, x, None, upstream)
+        except ValueError as error:
+            outcomes[implementation] = str(error)
+    refused = training and single_value(strategy, scales, size)
+    for implementation, outcome in outcomes.items():
+        if refused:
+            assert isinstance(outcome, str), implementation
+            assert "more than 1 value per channel" in outcome
+            assert outcome == outcomes["direct"]
+        else:
+            assert isinstance(outcome, dict), (implementation, outcome)
+            for key, want in outcomes["direct"].items():
+                got = outcome[key]
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=key)
 
 
 # --- memory format ----------------------------------------------------------------------------
@@ -435,14 +600,16 @@ def test_fast_direct_running_stats(strategy, scales, size):
         ("sliding", (1, 3), (9, 13)),
     ],
 )
-@pytest.mark.parametrize("implementation", ["fast", "direct"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_channels_last_matches_contiguous(strategy, scales, size, implementation):
     torch.manual_seed(10)
     m = randomize_bn(MSSAR(CHANNELS, scales, strategy, source_channels=SOURCE_CHANNELS))
     m = m.double().train()
     m.implementation = implementation
     other = copy.deepcopy(m)
-    x, source = make_inputs(4, CHANNELS, *size, source_channels=SOURCE_CHANNELS, dtype=torch.float64)
+    x, source = make_inputs(
+        4, CHANNELS, *size, source_channels=SOURCE_CHANNELS, dtype=torch.float64
+    )
     upstream = torch.randn_like(x)
     want = forward_backward(m, x, source, upstream)
     cl = torch.channels_last
@@ -467,9 +634,9 @@ def test_bottleneck_width_rule():
     assert bottleneck_width(12, 3, 1) == 4
     assert bottleneck_width(256, 3, 16) == 5
     for d in (1, 5, 16, 40, 64, 100, 512):
-        for l in (1, 2, 3):
+        for num_scales in (1, 2, 3):
             for r in (1, 2, 3, 16):
-                assert bottleneck_width(d, l, r) == max(1, d // (r * l))
+                assert bottleneck_width(d, num_scales, r) == max(1, d // (r * num_scales))
 
 
 @pytest.mark.parametrize("channels", [16, 32, 64, 12])
@@ -583,17 +750,25 @@ def test_se_with_separate_source():
     assert all(p.grad is not None for p in se.parameters())
 
 
-# --- make_recalibration -----------------------------------------------------------------------
+# --- the registry -----------------------------------------------------------------------------
 
 
-def test_make_recalibration_kinds():
+def test_registry_builds_every_kind():
+    assert list(RECALIBRATIONS)[:3] == ["none", "se", "mssar"]  # the paper's, then any others
     assert make_recalibration("none", 16) is None
     se = make_recalibration("se", 16, reduction=4, source_channels=20)
     assert isinstance(se, SqueezeExcitation) and se.source_channels == 20
+    assert se.fc1.out_channels == 4
     m = make_recalibration("mssar", 16, scales=(1, 2), strategy="sliding", source_channels=20)
     assert isinstance(m, MSSAR)
     assert m.scales == (1, 2) and m.strategy == "sliding" and m.source_channels == 20
-    assert m.hidden_channels == bottleneck_width(16, 2, 3)
+    assert m.hidden_channels == bottleneck_width(16, 2, 3)  # the family's reduction, 3 here
+    assert m.implementation == "fast"
+    for implementation in IMPLEMENTATIONS:  # an internal option, not a recipe key
+        built = make_recalibration("mssar", 16, implementation=implementation)
+        assert built.implementation == implementation
+    assert "implementation" not in RECALIBRATIONS["mssar"].options
+    assert RECALIBRATIONS["mssar"].internal == ("implementation",)
 
 
 def test_mssar_defaults():
@@ -614,56 +789,61 @@ def test_mssar_defaults():
     ids=repr,
 )
 def test_bad_scales_raise(scales):
-    with pytest.raises(ValueError, match="scales"):
+    with pytest.raises(ModelError, match="scales"):
         MSSAR(8, scales)
-    with pytest.raises(ValueError, match="scales"):
+    with pytest.raises(ModelError, match="scales"):
         make_recalibration("mssar", 8, scales=scales)
 
 
 def test_scales_not_a_sequence_raises():
-    with pytest.raises(ValueError, match="scales"):
+    with pytest.raises(ModelError, match="scales"):
         MSSAR(8, 4)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize(
-    "scales,size", [((4,), (3, 3)), ((1, 2, 4), (3, 3)), ((5,), (4, 9)), ((3,), (9, 2))]
-)
-def test_scale_larger_than_map_raises(strategy, scales, size):
-    m = MSSAR(8, scales, strategy)
-    x = torch.randn(2, 8, *size)
-    too_large = max(scales)
-    with pytest.raises(ValueError, match="scale") as info:
-        m(x)
-    message = str(info.value)
-    assert str(too_large) in message
-    assert f"{size[0]}x{size[1]}" in message
+def test_model_errors_are_user_errors_and_value_errors():
+    assert issubclass(ModelError, MssarError) and issubclass(ModelError, ValueError)
 
 
 @pytest.mark.parametrize("strategy", ["", "Regional", "adaptive", None])
 def test_unknown_strategy_raises(strategy):
-    with pytest.raises(ValueError, match="strategy"):
+    with pytest.raises(ModelError, match="strategy.*regional.*sliding"):
         MSSAR(8, (1, 2), strategy)
 
 
 def test_unknown_implementation_raises():
-    with pytest.raises(ValueError, match="implementation"):
+    with pytest.raises(ModelError, match="implementation.*fast.*autograd.*direct"):
         MSSAR(8, (1, 2), implementation="magic")
+    with pytest.raises(ModelError, match="implementation"):
+        make_recalibration("mssar", 8, implementation="magic")
 
 
-@pytest.mark.parametrize("reduction", [0, -1, -0.5])
+@pytest.mark.parametrize(
+    "reduction", [0, -1, -0.5, "3", True, float("nan"), float("inf")], ids=repr
+)
 def test_bad_reduction_raises(reduction):
-    with pytest.raises(ValueError, match="reduction"):
+    with pytest.raises(ModelError, match="reduction"):
         bottleneck_width(16, 3, reduction)
-    with pytest.raises(ValueError, match="reduction"):
+    with pytest.raises(ModelError, match="reduction"):
         MSSAR(16, (1, 2, 4), reduction=reduction)
-    with pytest.raises(ValueError, match="reduction"):
+    with pytest.raises(ModelError, match="reduction"):
         SqueezeExcitation(16, reduction=reduction)
+    with pytest.raises(ModelError, match="reduction"):
+        make_recalibration("se", 16, reduction=reduction)
+
+
+@pytest.mark.parametrize(
+    "option,value", [("channels", 0), ("source_channels", -3), ("hidden_channels", 0)]
+)
+@pytest.mark.parametrize("cls", [MSSAR, SqueezeExcitation])
+def test_bad_widths_raise(cls, option, value):
+    options = {"channels": 8, option: value}
+    with pytest.raises(ModelError, match=f"{option} must be a positive integer"):
+        cls(**options)
 
 
 @pytest.mark.parametrize("kind", ["sse", "MSSAR", "", "ms-sar"])
 def test_unknown_recalibration_kind_raises(kind):
-    with pytest.raises(ValueError, match="recalibration") as info:
+    with pytest.raises(ModelError, match="unknown recalibration") as info:
         make_recalibration(kind, 16)
     for known in ("none", "se", "mssar"):
         assert known in str(info.value)
@@ -673,8 +853,10 @@ def test_unknown_recalibration_kind_raises(kind):
     "option,value", [("scales", (1, 2)), ("strategy", "regional"), ("implementation", "direct")]
 )
 def test_mssar_only_options_rejected_for_se(option, value):
-    with pytest.raises(ValueError, match=option):
+    with pytest.raises(ModelError, match=f"'se' does not take '{option}'.*reduction"):
         make_recalibration("se", 16, **{option: value})
+    with pytest.raises(ModelError, match=f"'none' does not take '{option}'"):
+        make_recalibration("none", 16, **{option: value})
 
 
 def test_wrong_channels_at_forward_raise():
@@ -691,7 +873,9 @@ def test_wrong_channels_at_forward_raise():
 # --- partition --------------------------------------------------------------------------------
 
 PARTITION_CASES = [
-    (length, k) for length in (1, 2, 3, 4, 5, 7, 8, 9, 13, 14, 16, 28, 32, 56) for k in range(1, 9)
+    (length, k)
+    for length in (1, 2, 3, 4, 5, 7, 8, 9, 13, 14, 16, 28, 32, 56)
+    for k in range(1, 9)
     if k <= length
 ]
 
@@ -710,6 +894,13 @@ def test_region_bounds_partition(length, k):
     assert region_of_index(length, k) == [math.floor(i * k / length) for i in range(length)]
 
 
+@pytest.mark.parametrize("length,k", [(1, 2), (2, 4), (3, 4), (3, 8), (5, 7)])
+def test_region_bounds_clamp_a_scale_larger_than_the_axis(length, k):
+    assert regions_along(length, k) == length
+    assert region_bounds(length, k) == list(range(length + 1))  # each index its own region
+    assert region_of_index(length, k) == list(range(length))
+
+
 def test_region_bounds_known_values():
     assert region_bounds(7, 4) == [0, 2, 4, 6, 7]
     assert region_bounds(14, 4) == [0, 4, 7, 11, 14]
@@ -720,9 +911,8 @@ def test_region_bounds_known_values():
 
 AXIS_CASES = [
     (length, scales)
-    for length in (4, 7, 8, 9, 13, 14, 16, 32)
+    for length in (1, 2, 3, 4, 7, 8, 9, 13, 14, 16, 32)
     for scales in SCALE_SETS + [(3,), (2, 3), (1, 2, 3, 4)]
-    if max(scales) <= length
 ]
 
 
@@ -737,13 +927,14 @@ def test_axis_plan_refines_every_scale(length, scales):
     assert plan.uniform == (len(set(plan.sizes)) == 1)
     assert len(plan.region_of_segment) == len(plan.share_of_segment) == len(scales)
     for k, regions, shares in zip(scales, plan.region_of_segment, plan.share_of_segment):
+        k = min(k, length)  # clamped
         truth = [math.floor(i * k / length) for i in range(length)]
         # every segment lies inside one region of this scale, the one region_of_segment says
         for i in range(length):
             assert regions[plan.segment_of_index[i]] == truth[i]
         assert sorted(set(regions)) == list(range(k))
         # shares: segment size over its region's size, summing to one per region
-        for seg, (size, r, share) in enumerate(zip(plan.sizes, regions, shares)):
+        for size, r, share in zip(plan.sizes, regions, shares):
             assert share == pytest.approx(size / truth.count(r), abs=1e-15)
         for r in range(k):
             assert sum(s for s, rr in zip(shares, regions) if rr == r) == pytest.approx(1.0)
@@ -815,9 +1006,8 @@ def test_fused_gate_refuses_double_backward_clearly():
 @pytest.mark.parametrize("size", [(8, 8), (32, 32)], ids=size_id)
 def test_branches_the_fused_gate_cannot_differentiate_take_the_autograd_path(size, monkeypatch):
     """A BN without affine parameters (or a SyncBatchNorm) is not differentiated by hand: the
-    module falls back to autograd and still equals the direct implementation."""
-    from mssar_cli import recalibration
-
+    gate declines and the module, through the autograd composition, still equals the direct
+    implementation."""
     torch.manual_seed(4)
     fast = MSSAR(CHANNELS, (1, 2, 4)).double().train()
     for branch in fast.branches:
@@ -825,10 +1015,15 @@ def test_branches_the_fused_gate_cannot_differentiate_take_the_autograd_path(siz
     direct = copy.deepcopy(fast)
     direct.implementation = "direct"
     called = []
-    monkeypatch.setattr(recalibration, "fused_gate", lambda *a: called.append(a))
+    monkeypatch.setattr(fused_gate._FusedGate, "apply", lambda *a: called.append(a))
     x, _ = make_inputs(4, CHANNELS, *size, dtype=torch.float64)
+    mlps = [branch.gate_mlp() for branch in fast.branches]
+    assert fused_gate.recalibrate(x, None, fast.scales, mlps) is None
     upstream = torch.randn(x.shape, dtype=torch.float64)
-    got, want = forward_backward(fast, x, None, upstream), forward_backward(direct, x, None, upstream)
+    got, want = (
+        forward_backward(fast, x, None, upstream),
+        forward_backward(direct, x, None, upstream),
+    )
     assert not called
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10, msg=key)
@@ -839,16 +1034,15 @@ def test_branches_the_fused_gate_cannot_differentiate_take_the_autograd_path(siz
     [((8,), (16, 16), 2), ((2, 8), (16, 16), 2), ((4,), (16, 16), 4), ((1, 4), (32, 32), 8)],
 )
 @pytest.mark.parametrize("own_source", [True, False], ids=["own", "source"])
-def test_band_layout_sums_bands_of_every_height_exactly(scales, size, band_rows, own_source, monkeypatch):
+def test_band_layout_sums_bands_of_every_height_exactly(
+    scales, size, band_rows, own_source, monkeypatch
+):
     """Bands of 2 and 4 rows are summed by adding halves, taller ones by ``sum``: each equals the
     direct implementation, forward and backward, with x as its own source and with another."""
-    from mssar_cli import recalibration
-    from mssar_cli.fused_gate import BandLayout
-
     layouts = []
-    original = recalibration.fused_gate
+    original = fused_gate._FusedGate.apply
     monkeypatch.setattr(
-        recalibration, "fused_gate", lambda *a: layouts.append(a[2]) or original(*a)
+        fused_gate._FusedGate, "apply", lambda *a: layouts.append(a[2]) or original(*a)
     )
     torch.manual_seed(5)
     source_channels = None if own_source else SOURCE_CHANNELS
@@ -900,3 +1094,46 @@ def test_parametrized_or_replicated_weights_reach_the_fused_gate(size):
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-10)
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "scales, size, layout",
+    [
+        ((1, 2, 4), (8, 8), MatrixLayout),  # small maps: products with the region matrices
+        ((1, 2, 4), (7, 7), MatrixLayout),
+        ((1, 2, 4), (14, 14), MatrixLayout),  # non-uniform, up to SMALL_MAP positions
+        ((1, 2, 4), (16, 16), BandLayout),  # uniform refined grid: bands
+        ((1, 2, 4), (32, 32), BandLayout),
+        ((1, 2, 4), (18, 17), None),  # non-uniform and large: the autograd composition
+    ],
+)
+def test_the_gate_chooses_its_layout(scales, size, layout):
+    chosen = fused_gate.choose_layout(scales, *size)
+    assert type(chosen) is type(None) if layout is None else isinstance(chosen, layout)
+    if isinstance(chosen, BandLayout):
+        assert chosen.sh == size[0] // 4
+
+
+def test_the_gate_declines_what_it_does_not_cover():
+    """A channels-last map or source, or a map too large for its layouts: ``None``, so MS-SAR
+    composes the same steps with autograd."""
+    module = MSSAR(CHANNELS, (1, 2, 4)).train()
+    mlps = [branch.gate_mlp() for branch in module.branches]
+    x = torch.randn(2, CHANNELS, 8, 8)
+    assert fused_gate.recalibrate(x, None, module.scales, mlps) is not None
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert fused_gate.recalibrate(channels_last, None, module.scales, mlps) is None
+    assert fused_gate.recalibrate(x, channels_last, module.scales, mlps) is None
+    large = torch.randn(2, CHANNELS, 18, 17)
+    assert fused_gate.recalibrate(large, None, module.scales, mlps) is None
+
+
+def test_the_fused_gate_never_writes_into_its_input():
+    """No tensor is the gate's scratch space: its input is the same after backward."""
+    torch.manual_seed(17)
+    module = MSSAR(CHANNELS, (1, 2, 4)).train()
+    for size in (8, 32):
+        x = torch.randn(4, CHANNELS, size, size, requires_grad=True)
+        kept = x.detach().clone()
+        module(x).square().sum().backward()
+        assert torch.equal(x.detach(), kept)

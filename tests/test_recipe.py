@@ -386,3 +386,65 @@ def test_run_dir(tmp_path):
     assert r.run_dir() == Path("out/cifar100/densenet100_plain/seed1")
     r = recipe.load(RECIPES / "imagenet" / "resnext50_se.yaml", ["experiment=try"])
     assert r.run_dir() == Path("results/imagenet/try/seed0")
+
+
+# --- one schema: every consumer reads it -------------------------------------------------------
+
+
+def test_every_module_option_of_the_registry_is_a_recipe_key():
+    from mssar_cli.recalibration import RECALIBRATIONS
+
+    keys = {f.name for f in dataclasses.fields(recipe.ModelSection)}
+    for entry in RECALIBRATIONS.values():
+        assert set(entry.options) <= keys, entry.name
+    assert recipe.choices("model.recalibration") == tuple(RECALIBRATIONS)
+    assert set(recipe.MODULE_KEYS) == {"scales", "strategy", "reduction"}
+
+
+def test_protocol_and_local_keys_come_from_the_schema():
+    assert recipe.local_keys() == (
+        "data.root", "data.workers", "data.download", "run.device", "run.output", "run.threads",
+    )
+    protocol = recipe.protocol_keys()
+    assert {k for k in protocol if k.startswith("optim.")} == {
+        f"optim.{f.name}" for f in dataclasses.fields(recipe.OptimSection)
+    }
+    assert not set(protocol) & set(recipe.local_keys())
+    assert "data.dataset" not in protocol and "data.eval_batch_size" not in protocol
+
+
+def test_readme_field_reference_is_generated_from_the_schema():
+    readme = (ROOT / "README.md").read_text()
+    assert recipe.REFERENCE_START in readme and recipe.REFERENCE_END in readme
+    assert recipe.with_field_reference(readme) == readme, "run `make fields` to regenerate it"
+    for section, cls in recipe.SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"`{section}.{f.name}`" in readme
+
+
+def test_with_overrides_revalidates_like_load(tmp_path: Path):
+    path = write(tmp_path, BASE + "  scales: [1, 2]\noptim:\n  weight_decay: 1e-4\n", "r.yaml")
+    base = recipe.load(path)
+    assert base.optim.weight_decay == 1e-4
+    same = recipe.with_overrides(base, ["optim.lr=0.05"])
+    assert same.optim.lr == 0.05 and same.optim.weight_decay == 1e-4
+    assert recipe.with_overrides(base, []) == base
+    with pytest.raises(RecipeError, match=r"model.scales: applies only to recalibration mssar"):
+        recipe.with_overrides(base, ["model.recalibration=se"])
+
+
+def test_ablate_accepts_what_train_accepts(tmp_path: Path):
+    """YAML 1.2 numbers (``1e-4``) once trained but were refused by ``mssar ablate``, which read
+    the file again with another YAML loader: every command now reads recipes through one loader."""
+    from mssar_cli import ablation
+
+    path = write(tmp_path, BASE + "optim:\n  weight_decay: 1e-4\n  lr: 5e-2\n", "r.yaml")
+    planned = ablation.plan("scales", str(path), [], [], 1)
+    assert {run.recipe.optim.weight_decay for run in planned} == {1e-4}
+    assert {run.recipe.optim.lr for run in planned} == {5e-2}
+
+
+@pytest.mark.parametrize("name", ["se", "none"])
+def test_module_options_that_a_module_does_not_take_name_module_and_key(tmp_path, name):
+    path = write(tmp_path, f"model:\n  recalibration: {name}\n  strategy: sliding\n")
+    error(path, (), "model.strategy", "applies only to recalibration mssar", f"has {name}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_error_line
 from typer.testing import CliRunner
 
 from mssar_cli import recipe as recipes
@@ -25,7 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "recipes" / "smoke.yaml"
 RUN = Path("results/synthetic/smoke/seed0")  # relative to the CWD of the run
 FILES = {"recipe.yaml", "env.json", "epochs.csv", "checkpoint.pt", "summary.json"}
-COLUMNS = ["epoch", "lr", "train_loss", "train_err", "test_loss", "test_err", "epoch_seconds", "images_per_s"]
+COLUMNS = [
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_err",
+    "test_loss",
+    "test_err",
+    "epoch_seconds",
+    "images_per_s",
+]
 # small and single-threaded: the machine is shared, and one thread keeps CPU runs bitwise repeatable
 FAST = {"data.subset": 128, "data.test_subset": 64, "run.device": "cpu", "run.threads": 1}
 
@@ -41,7 +51,11 @@ def invoke(*args: str):
 
 
 def subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -60,16 +74,6 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
-
-
-def assert_one_error_line(stderr: str, *must: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("mssar: error: "), stderr
-    assert "Traceback" not in stderr
-    for text in must:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +113,9 @@ def test_smoke_run_writes_the_run_directory(finished):
     assert (summary["experiment"], summary["dataset"], summary["seed"]) == ("smoke", "synthetic", 0)
     assert (summary["epochs"], summary["world_size"]) == (2, 1)
     assert (summary["train_images"], summary["test_images"]) == (128, 64)
-    assert summary["final"]["test_err"] == float(rows[-1]["test_err"])  # the final epoch, not the best
+    assert summary["final"]["test_err"] == float(
+        rows[-1]["test_err"]
+    )  # the final epoch, not the best
     assert summary["final"]["train_loss"] == float(rows[-1]["train_loss"])
     assert summary["params"] > 0 and summary["flops"] > 0
 
@@ -169,7 +175,9 @@ def test_eval_agrees_with_the_last_csv_row(finished, target):
     assert "(epoch 2)" in result.stdout and "64 test images" in result.stdout
 
 
-@pytest.mark.parametrize("what", ["missing-dir", "missing-file", "not-a-checkpoint", "dir-without-checkpoint"])
+@pytest.mark.parametrize(
+    "what", ["missing-dir", "missing-file", "not-a-checkpoint", "dir-without-checkpoint"]
+)
 def test_eval_of_a_bad_path_is_one_line(finished, tmp_path, what):
     cwd, _ = finished
     path, must = {
@@ -188,7 +196,9 @@ def test_eval_of_a_bad_path_is_one_line(finished, tmp_path, what):
 # --------------------------------------------------------------------------------------------
 
 
-def _kill_after_first_epoch(proc: subprocess.Popen, csv_path: Path, outcome: dict, timeout: float = 300) -> None:
+def _kill_after_first_epoch(
+    proc: subprocess.Popen, csv_path: Path, outcome: dict, timeout: float = 300
+) -> None:
     """SIGKILL ``proc`` as soon as its CSV holds a row (its first checkpoint is then on disk)."""
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
@@ -222,7 +232,10 @@ def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, monk
     with open(tmp_path / "b.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mssar_cli", *map(str, args)],
-            cwd=b_cwd, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
+            cwd=b_cwd,
+            env=subprocess_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         csv_path = b_cwd / RUN / "epochs.csv"
         killer = threading.Thread(target=_kill_after_first_epoch, args=(proc, csv_path, outcome))
@@ -234,7 +247,9 @@ def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, monk
             killer.join()
     assert result_a.returncode == 0, result_a.stdout + result_a.stderr
     b_log = (tmp_path / "b.log").read_text()
-    assert proc.returncode == -signal.SIGKILL, f"B was not killed mid-run (exit {proc.returncode}):\n{b_log}"
+    assert proc.returncode == -signal.SIGKILL, (
+        f"B was not killed mid-run (exit {proc.returncode}):\n{b_log}"
+    )
     assert "killed_after_rows" in outcome
 
     # the kill left a readable checkpoint and CSV that agree, and no summary
@@ -280,7 +295,9 @@ def test_kill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, monk
     assert len(rows_a) == len(rows_b) == 3
     for key in ("epoch", "lr", "train_loss", "train_err", "test_loss", "test_err"):
         assert [r[key] for r in rows_a] == [r[key] for r in rows_b], key
-    assert [float(r["lr"]) for r in rows_b] == pytest.approx([0.1, 0.1, 0.01])  # the scheduler resumed
+    assert [float(r["lr"]) for r in rows_b] == pytest.approx(
+        [0.1, 0.1, 0.01]
+    )  # the scheduler resumed
     summary_a = json.loads((a_run / "summary.json").read_text())
     summary_b = json.loads((b_run / "summary.json").read_text())
     assert summary_a["final"] == summary_b["final"]
@@ -312,12 +329,20 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], list[str]]:
         empty = tmp_path / "empty"
         empty.mkdir()
         return [str(SMOKE), *sets(data__dataset="cifar10", data__root=empty)], [
-            "cifar10 data not found", str(empty / "cifar-10-batches-py"),
+            "cifar10 data not found",
+            str(empty / "cifar-10-batches-py"),
         ]
     raise AssertionError(case)
 
 
-BAD_INPUTS = ["unknown-key-in-file", "unknown-key-set", "wrong-type", "missing-file", "yaml-syntax", "missing-dataset"]
+BAD_INPUTS = [
+    "unknown-key-in-file",
+    "unknown-key-set",
+    "wrong-type",
+    "missing-file",
+    "yaml-syntax",
+    "missing-dataset",
+]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -336,7 +361,12 @@ def test_missing_dataset_in_a_real_process_has_no_traceback(tmp_path):
     args, must = _bad_input(tmp_path, "missing-dataset")
     proc = subprocess.run(
         [sys.executable, "-m", "mssar_cli", "train", *args],
-        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
@@ -378,13 +408,27 @@ def test_two_process_gloo_run(tmp_path, finished):
     assert single.exit_code == 0
     single_summary = json.loads((finished[0] / RUN / "summary.json").read_text())
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "mssar_cli", "train", str(SMOKE), "--quiet", *sets(),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "mssar_cli",
+        "train",
+        str(SMOKE),
+        "--quiet",
+        *sets(),
     ]
     # its own session, so a hang ends with the launcher *and* its two workers killed
     proc = subprocess.Popen(
-        command, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
+        command,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         stdout, stderr = proc.communicate(timeout=300)
@@ -395,7 +439,9 @@ def test_two_process_gloo_run(tmp_path, finished):
     assert proc.returncode == 0, stdout + stderr
     # rank 0 alone reports and writes
     assert stdout.count("finished: final test error") == 1, stdout
-    runs = [p for p in (tmp_path / "results").rglob("*") if p.is_dir() and p.name.startswith("seed")]
+    runs = [
+        p for p in (tmp_path / "results").rglob("*") if p.is_dir() and p.name.startswith("seed")
+    ]
     assert runs == [tmp_path / RUN]
     assert {p.name for p in (tmp_path / RUN).iterdir()} == FILES
 

@@ -2,10 +2,11 @@
 
 In a residual block the recalibration multiplies the last BN's output ``y = bn(c)``, so autograd
 keeps ``y`` (for the gradient of the weights) beside ``c`` (which BN keeps for its own backward):
-one more full-size tensor per block, +24% of ResNet-56's training memory for SE and +32% for
-MS-SAR. Here every tensor the recalibration saves that is ``y`` or a view of it is stored as a
-recipe instead, ``y = c * a + b`` with BN's per-channel batch scale ``a = gamma / sigma`` and shift
-``b = beta - mean * a``, and rebuilt from ``c`` when backward needs it. The forward pass is BN's
+one more full-size tensor per block, as large as the block's own activations, so a large share
+of a ResNet's training memory for SE and MS-SAR alike. Here every tensor the recalibration saves
+that is ``y`` or a view of it is stored as a recipe instead, ``y = c * a + b`` with BN's
+per-channel batch scale ``a = gamma / sigma`` and shift ``b = beta - mean * a``, and rebuilt
+from ``c`` when backward needs it. The forward pass is BN's
 own kernel (``torch.native_batch_norm``, which also returns the batch statistics), so outputs and
 running statistics are bitwise those of ``nn.BatchNorm2d``; gradients differ from it only by the
 rounding of the rebuilt ``y`` (about 1e-7 relative).
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mssar_cli.batchnorm import batch_norm_with_statistics, mark_disposable
+from mssar_cli.batchnorm import batch_norm_with_statistics
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,7 @@ class _Rebuild:
             full = torch.empty_strided(
                 self.pre.size(), self.base_stride, dtype=self.dtype, device=self.pre.device
             ).copy_(full)
-        # a fresh tensor per unpack, seen only by the one backward that unpacked it
-        return mark_disposable(full.as_strided(self.size, self.stride, self.offset))
+        return full.as_strided(self.size, self.stride, self.offset)
 
 
 def recalibrate_bn_output(

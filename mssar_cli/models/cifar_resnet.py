@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import conv1x1
 
+from mssar_cli.errors import ModelError
 from mssar_cli.models.blocks import RecalibratedBasicBlock, RecalibrationFactory, with_recalibration
 
 STAGE_WIDTHS = (16, 32, 64)
@@ -28,7 +29,7 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth not in BLOCKS_PER_STAGE:
-            raise ValueError(f"CIFAR ResNet depth must be one of {list(BLOCKS_PER_STAGE)}")
+            raise ModelError(f"CIFAR ResNet depth must be one of {list(BLOCKS_PER_STAGE)}")
         block = with_recalibration(RecalibratedBasicBlock, make_recalibration or (lambda _: None))
         self.conv1 = nn.Conv2d(in_channels, STAGE_WIDTHS[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(STAGE_WIDTHS[0])

@@ -16,11 +16,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from mssar_cli.errors import ModelError
+from mssar_cli.models import STAGES
 from mssar_cli.models.cifar_resnet import _init_weights
 
 # (channels of the new maps, channels of the source) -> module or None
 DenseRecalibrationFactory = Callable[[int, int], nn.Module | None]
-STAGES = ("single", "multi")
 CONFIGS = {100: 12, 190: 40}  # depth -> growth rate k
 
 
@@ -55,7 +56,9 @@ class DenseLayer(nn.Module):
 
 
 class DenseBlock(nn.ModuleDict):
-    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, **layer_options) -> None:
+    def __init__(
+        self, num_layers: int, in_channels: int, growth_rate: int, **layer_options
+    ) -> None:
         super().__init__()
         for i in range(num_layers):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, **layer_options)
@@ -89,14 +92,16 @@ class CifarDenseNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth not in CONFIGS:
-            raise ValueError(f"CIFAR DenseNet depth must be one of {list(CONFIGS)}")
+            raise ModelError(f"CIFAR DenseNet depth must be one of {list(CONFIGS)}")
         if stage not in STAGES:
-            raise ValueError(f"stage must be one of {list(STAGES)}, got {stage!r}")
+            raise ModelError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
         growth = CONFIGS[depth]
         layers_per_block = (depth - 4) // 6
         channels = 2 * growth
         self.features = nn.Sequential()
-        self.features.add_module("conv0", nn.Conv2d(in_channels, channels, 3, padding=1, bias=False))
+        self.features.add_module(
+            "conv0", nn.Conv2d(in_channels, channels, 3, padding=1, bias=False)
+        )
         for index in range(3):
             block = DenseBlock(
                 layers_per_block,
@@ -109,7 +114,9 @@ class CifarDenseNet(nn.Module):
             channels += layers_per_block * growth
             if index < 2:
                 out_channels = int(channels * compression)
-                self.features.add_module(f"transition{index + 1}", Transition(channels, out_channels))
+                self.features.add_module(
+                    f"transition{index + 1}", Transition(channels, out_channels)
+                )
                 channels = out_channels
         self.features.add_module("norm5", nn.BatchNorm2d(channels))
         self.features.add_module("relu5", nn.ReLU(inplace=True))

@@ -17,7 +17,7 @@ RESULTS = ROOT / "results" / "bench"
 
 
 def machine_name(device: torch.device) -> str:
-    """What the numbers were measured on: the GPU (on CUDA), the CPU model and core count, the OS."""
+    """What the numbers were measured on: the GPU (on CUDA), the CPU model and cores, the OS."""
     host = f"{cpu_name()} ({os.cpu_count()} cores), {platform.system()} {platform.machine()}"
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}; host {host}"
@@ -58,6 +58,7 @@ def append_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
 
 def markdown_table(headers: Sequence[str], rows: list[Sequence[str]], right: Sequence[bool]) -> str:
     """A GitHub-flavoured Markdown table; ``right[i]`` right-aligns column i."""
+
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 

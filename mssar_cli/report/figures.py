@@ -11,6 +11,7 @@ Only finished runs are drawn; runs of different protocols are never mixed in one
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -21,23 +22,46 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from mssar_cli import paper
-from mssar_cli.report import (
+from mssar_cli.models import MODELS
+from mssar_cli.recalibration import PLAIN, RECALIBRATIONS
+from mssar_cli.report.collect import (
     CONFIG_COLUMNS,
     DATASETS,
-    DEFAULT_SCALES,
-    MODELS,
     NONE,
-    RECALIBRATIONS,
-    collect_runs,
-    format_scales,
     model_label,
+    module_columns,
     read_history,
-    summarize,
+    recalibration_label,
+    recalibration_order,
+    runs_of,
 )
+from mssar_cli.report.stats import summarize
 
+# One colour and marker per registered module: plain, SE and MS-SAR keep theirs; any other
+# module takes one of the palette, in registry order (module_color, module_marker).
 COLORS = {"none": "#4d4d4d", "se": "#1f77b4", "mssar": "#d62728"}
 EXTRA_COLORS = ("#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 MARKERS = {"none": "o", "se": "s", "mssar": "^"}
+EXTRA_MARKERS = ("D", "v", "P", "X", "<", ">", "p", "h")
+
+
+def _registry_style(name: str, fixed: dict[str, str], extra: tuple[str, ...], unknown: str) -> str:
+    if name in fixed:
+        return fixed[name]
+    others = [entry for entry in RECALIBRATIONS if entry not in fixed]
+    return extra[others.index(name) % len(extra)] if name in others else unknown
+
+
+def module_color(recalibration: str) -> str:
+    """The colour of a registered module's lines and points."""
+    return _registry_style(recalibration, COLORS, EXTRA_COLORS, "#000000")
+
+
+def module_marker(recalibration: str) -> str:
+    """The marker of a registered module's points (Fig. 5)."""
+    return _registry_style(recalibration, MARKERS, EXTRA_MARKERS, "o")
+
+
 PANELS = (
     ("train_loss", "train loss"),
     ("test_loss", "test loss"),
@@ -45,7 +69,13 @@ PANELS = (
     ("test_err", "test error (%)"),
 )
 DPI = 130
-LABEL_PLACES = {"none": ((0, 7), "center", "bottom"), "se": ((7, 0), "left", "center"), "mssar": ((0, -7), "center", "top")}
+# Where the paper's point labels go (Fig. 5): plain above, SE to the right, MS-SAR below.
+LABEL_PLACES = {
+    "none": ((0, 7), "center", "bottom"),
+    "se": ((7, 0), "left", "center"),
+    "mssar": ((0, -7), "center", "top"),
+}
+_MAIN_COLUMNS = ("scales", "strategy", "stage")
 
 
 def _slug(text: str) -> str:
@@ -53,10 +83,10 @@ def _slug(text: str) -> str:
 
 
 def _is_main(row: pd.Series) -> bool:
-    """Plain, SE, and MS-SAR as the paper runs it (L = {1,2,4}, regional, multi-stage)."""
-    if row["recalibration"] == "mssar":
-        return row["scales"] == format_scales(DEFAULT_SCALES) and row["strategy"] == "regional" and row["stage"] in ("multi", NONE)
-    return row["recalibration"] in ("none", "se") and row["stage"] in ("multi", NONE)
+    """A module as the paper runs it: its default options (MS-SAR: L = {1,2,4}, regional),
+    multi-stage on DenseNets; any width."""
+    defaults = module_columns(row["model"], row["recalibration"])
+    return all(row[column] == defaults[column] for column in _MAIN_COLUMNS)
 
 
 def _seeds_text(counts: list[int]) -> str:
@@ -65,11 +95,13 @@ def _seeds_text(counts: list[int]) -> str:
 
 
 def _config_label(row: pd.Series, duplicated: bool) -> str:
-    name = RECALIBRATIONS.get(row["recalibration"], row["recalibration"])
-    if row["recalibration"] == "mssar":
+    name = recalibration_label(row["recalibration"])
+    if row["scales"] != NONE:
         name += f" {row['scales']}"
     if duplicated and row["reduction"] != NONE:
         name += f", r={row['reduction']}"
+    if duplicated and row["options"]:
+        name += f", {row['options']}"
     return name
 
 
@@ -81,20 +113,23 @@ def _histories(runs: pd.DataFrame, config: pd.Series) -> list[pd.DataFrame]:
     return [f for f in frames if len(f)]
 
 
-def _mean_std(histories: list[pd.DataFrame], column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _mean_std(
+    histories: list[pd.DataFrame], column: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     series = [h.set_index("epoch")[column] for h in histories if column in h]
     if not series:
         return None
     table = pd.concat(series, axis=1)
     epochs = table.index.to_numpy()
     mean = table.mean(axis=1).to_numpy()
-    std = table.std(axis=1, ddof=1).fillna(0).to_numpy() if table.shape[1] > 1 else np.zeros_like(mean)
+    if table.shape[1] > 1:
+        std = table.std(axis=1, ddof=1).fillna(0).to_numpy()
+    else:
+        std = np.zeros_like(mean)
     return epochs, mean, std
 
 
 def _milestones(protocol_key: str) -> list[int]:
-    import json
-
     return list(json.loads(protocol_key).get("optim.milestones") or [])
 
 
@@ -105,14 +140,17 @@ def _curves_figure(runs: pd.DataFrame, group: pd.DataFrame, path: Path) -> Path 
     lines = []
     extra = iter(EXTRA_COLORS)
     used_colors: set[str] = set()
-    order = list(RECALIBRATIONS)  # plain, SE, MS-SAR: the same legend order in every figure
-    for _, config in sorted(group.iterrows(), key=lambda item: order.index(item[1]["recalibration"])):
+    # registry order (plain, SE, MS-SAR, ...): the same legend order in every figure
+    configs = sorted(
+        group.iterrows(), key=lambda item: recalibration_order(item[1]["recalibration"])
+    )
+    for _, config in configs:
         histories = _histories(runs, config)
         if not histories:
             continue
-        color = COLORS.get(config["recalibration"], "#000000")
-        if color in used_colors:
-            color = next(extra, "#000000")
+        color = module_color(config["recalibration"])
+        if color in used_colors:  # a second configuration of the same module
+            color = next((c for c in extra if c not in used_colors), "#000000")
         used_colors.add(color)
         label = _config_label(config, recal_counts[config["recalibration"]] > 1)
         lines.append((label, color, config, histories))
@@ -123,7 +161,7 @@ def _curves_figure(runs: pd.DataFrame, group: pd.DataFrame, path: Path) -> Path 
     axes = fig.subplots(2, 2, sharex=True)
     for ax, (column, ylabel) in zip(axes.flat, PANELS):
         finals = []
-        for label, color, config, histories in lines:
+        for label, color, _config, histories in lines:
             stats = _mean_std(histories, column)
             if stats is None:
                 continue
@@ -131,7 +169,8 @@ def _curves_figure(runs: pd.DataFrame, group: pd.DataFrame, path: Path) -> Path 
             n = len(histories)
             tail = f"{mean[-1]:.2f}" + (f" ± {std[-1]:.2f}" if n > 1 else "")
             marker = "o" if len(epochs) == 1 else None  # a one-epoch run is a point, not a line
-            ax.plot(epochs, mean, color=color, lw=1.6, marker=marker, label=f"{label}: {tail} (n={n})")
+            line_label = f"{label}: {tail} (n={n})"
+            ax.plot(epochs, mean, color=color, lw=1.6, marker=marker, label=line_label)
             if n > 1:  # losses and errors are never negative, errors never above 100 %
                 low = np.maximum(mean - std, 0)
                 high = mean + std if column.endswith("loss") else np.minimum(mean + std, 100)
@@ -152,21 +191,36 @@ def _curves_figure(runs: pd.DataFrame, group: pd.DataFrame, path: Path) -> Path 
                     _, mean, std = stats
                     tops.append(np.max((mean + std)[len(mean) // 3 :]))
             top = max(tops) * 1.25 if tops else None
-            data_top = max(np.max(_mean_std(h, column)[1]) for _, _, _, h in lines if _mean_std(h, column) is not None)
+            data_top = max(
+                np.max(_mean_std(h, column)[1])
+                for _, _, _, h in lines
+                if _mean_std(h, column) is not None
+            )
             if top and top < data_top:
                 ax.set_ylim(0, top)
-                ax.text(0.99, 0.98, "(first epochs cut off)", transform=ax.transAxes, ha="right", va="top", fontsize=8, color="#666666")
+                ax.text(
+                    0.99,
+                    0.98,
+                    "(first epochs cut off)",
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="top",
+                    fontsize=8,
+                    color="#666666",
+                )
             else:
                 ax.set_ylim(bottom=0)
         title = ylabel.split(" (")[0]
         ax.set_title(f"{title} (final: mean ± std over seeds)", fontsize=10)
-        ax.legend(fontsize=8, loc="upper right" if column.endswith("loss") else "lower left", framealpha=0.85)
+        loc = "upper right" if column.endswith("loss") else "lower left"
+        ax.legend(fontsize=8, loc=loc, framealpha=0.85)
     for ax in axes[1]:
         ax.set_xlabel("epoch")
     counts = [len(h) for _, _, _, h in lines]
     name = DATASETS.get(dataset, dataset)
     fig.suptitle(
-        f"{name} · {model_label(model)} ({model}) · {protocol} — mean over seeds, band ±1 std ({_seeds_text(counts)})",
+        f"{name} · {model_label(model)} ({model}) · {protocol} — mean over seeds, "
+        f"band ±1 std ({_seeds_text(counts)})",
         fontsize=12,
     )
     fig.savefig(path)
@@ -174,16 +228,28 @@ def _curves_figure(runs: pd.DataFrame, group: pd.DataFrame, path: Path) -> Path 
 
 
 def _paper_points(dataset: str) -> list[tuple[str, str, str, float, float]]:
-    """(label, model, recalibration, flops, error) of the paper's Table 2 / 5 rows for ``dataset``."""
+    """(label, model, recalibration, flops, error) of the paper's Table 2 / 5 rows for
+    ``dataset``."""
     if dataset in ("cifar10", "cifar100"):
-        return [(r.label, r.model, r.recalibration, r.flops, r.errors[dataset]) for r in paper.TABLE2]
-    if dataset == "imagenet":
-        return [(r.label, r.model, r.recalibration, r.flops, r.errors["top1"]) for r in paper.TABLE5]
-    return []
+        rows, metric = paper.TABLE2, dataset
+    elif dataset == "imagenet":
+        rows, metric = paper.TABLE5, "top1"
+    else:
+        return []
+    return [(r.label, r.model, r.recalibration, r.flops, r.errors[metric]) for r in rows]
 
 
 def _model_color(model: str) -> str:
-    palette = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+    palette = (
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#17becf",
+    )
     order = list(MODELS)
     return palette[order.index(model) % len(palette)] if model in order else "#000000"
 
@@ -209,7 +275,7 @@ def _flops_figure(group: pd.DataFrame, path: Path) -> Path | None:
                 row["flops"],
                 row["test_err_mean"],
                 yerr=std,
-                fmt=MARKERS.get(row["recalibration"], "o"),
+                fmt=module_marker(row["recalibration"]),
                 color=color,
                 ms=8,
                 capsize=3,
@@ -223,9 +289,19 @@ def _flops_figure(group: pd.DataFrame, path: Path) -> Path | None:
         for model, items in by_model.items():
             color = _model_color(model)
             items.sort(key=lambda item: item[2])
-            ax.plot([i[2] for i in items], [i[3] for i in items], color=color, lw=0.8, ls="--", alpha=0.6)
+            xs, ys = [i[2] for i in items], [i[3] for i in items]
+            ax.plot(xs, ys, color=color, lw=0.8, ls="--", alpha=0.6)
             for label, recal, flops, err in items:
-                ax.scatter(flops, err, marker=MARKERS[recal], s=70, facecolors="none", edgecolors=color, linewidths=1.4, zorder=2)
+                ax.scatter(
+                    flops,
+                    err,
+                    marker=module_marker(recal),
+                    s=70,
+                    facecolors="none",
+                    edgecolors=color,
+                    linewidths=1.4,
+                    zorder=2,
+                )
                 # plain above, MS-SAR below, SE to the right: a label beside its point runs into
                 # the next network's on CIFAR's log axis (RN-20* and RN-32 are ~1 cm apart)
                 offset, ha, va = LABEL_PLACES.get(recal, ((7, 0), "left", "center"))
@@ -246,23 +322,47 @@ def _flops_figure(group: pd.DataFrame, path: Path) -> Path | None:
     ax.grid(True, which="both", alpha=0.25)
     ax.margins(x=0.15, y=0.08)
     handles = [
-        Line2D([], [], color="#333333", marker=MARKERS[r], ls="", ms=8, label=f"ours, {RECALIBRATIONS[r]} (mean ± std)")
-        for r in ("none", "se", "mssar")
+        Line2D(
+            [],
+            [],
+            color="#333333",
+            marker=module_marker(r),
+            ls="",
+            ms=8,
+            label=f"ours, {recalibration_label(r)} (mean ± std)",
+        )
+        for r in RECALIBRATIONS
         if r in set(ours["recalibration"])
     ]
     if points:
         recals_in_paper = {p[2] for p in points}
         handles += [
-            Line2D([], [], color="#333333", marker=MARKERS[r], ls="", ms=8, mfc="none", label=f"paper, {RECALIBRATIONS[r]}")
-            for r in ("none", "se", "mssar")
+            Line2D(
+                [],
+                [],
+                color="#333333",
+                marker=module_marker(r),
+                ls="",
+                ms=8,
+                mfc="none",
+                label=f"paper, {recalibration_label(r)}",
+            )
+            for r in RECALIBRATIONS
             if r in recals_in_paper
         ]
-    handles += [Line2D([], [], color=_model_color(m), lw=3, label=model_label(m)) for m in models_seen]
+    handles += [
+        Line2D([], [], color=_model_color(m), lw=3, label=model_label(m)) for m in models_seen
+    ]
     ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.9, ncol=2)
     name = DATASETS.get(dataset, dataset)
-    source = {"cifar10": " vs paper Table 2", "cifar100": " vs paper Table 2", "imagenet": " vs paper Table 5"}.get(dataset, "")
+    source = {
+        "cifar10": " vs paper Table 2",
+        "cifar100": " vs paper Table 2",
+        "imagenet": " vs paper Table 5",
+    }.get(dataset, "")
+    seeds = _seeds_text(ours["n"].astype(int).tolist())
     fig.suptitle(
-        f"{name}: final test error vs FLOPs{source}\nours: {protocol}, {_seeds_text(ours['n'].astype(int).tolist())} per point; "
+        f"{name}: final test error vs FLOPs{source}\nours: {protocol}, {seeds} per point; "
         "* / +MS-SAR = MS-SAR {1,2,4}",
         fontsize=11,
     )
@@ -270,9 +370,13 @@ def _flops_figure(group: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
-def write_figures(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """Write every figure the finished runs under ``results_dir`` allow; returns the PNG paths."""
-    runs = collect_runs(results_dir)
+def write_figures(results: str | Path | pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write every figure the finished runs allow; returns the PNG paths.
+
+    ``results`` is a results directory or the runs frame the tables were built from
+    (:func:`mssar_cli.report.collect.collect_runs`).
+    """
+    runs = runs_of(results)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if runs.empty:
@@ -282,7 +386,7 @@ def write_figures(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     written: list[Path] = []
     for _, group in main.groupby(["dataset", "model", "protocol"], sort=False):
         recals = set(group["recalibration"])
-        if "none" not in recals or not recals & {"se", "mssar"}:
+        if PLAIN not in recals or len(recals) < 2:  # the plain network and a recalibrated one
             continue
         first = group.iloc[0]
         name = f"curves_{_slug(first['dataset'])}_{first['model']}_{_slug(first['protocol'])}.png"

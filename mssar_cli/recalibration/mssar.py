@@ -1,40 +1,46 @@
-"""Recalibration modules: MS-SAR (paper §3.2-3.3, Eqs. 1-2) and SE (Hu et al., SENet).
+"""MS-SAR, multi-scale spatially-asymmetric recalibration (paper §3.2-3.3, Eqs. 1-2).
 
-Both are called as ``module(x)`` or ``module(x, source)``: the weights are computed from
-``source`` (default ``x``) and multiply ``x``. A separate source is the paper's *multi-stage*
-DenseNet recalibration (§3.4), where the weights of a layer's ``k`` new maps come from the
-layer's whole input.
+Called as ``module(x)`` or ``module(x, source)``: the weights are computed from ``source``
+(default ``x``) and multiply ``x``. A separate source is the paper's *multi-stage* DenseNet
+recalibration (§3.4), where the weights of a layer's ``k`` new maps come from the layer's whole
+input.
 
-``MSSAR(implementation="fast")`` (the default) pools the source once onto the regions of every
-scale, runs every scale's MLP on its K x K pooled positions as matrix products, and multiplies
-the full map once by the mean over scales of the weights, without materialising a full-size
-weight map per scale. The whole module is one autograd node (:mod:`mssar_cli.fused_gate`) whose
-backward is written by hand and makes two passes over the map; what it does not cover
-(channels-last maps, large non-uniform partitions, ``torch.compile``, a SyncBatchNorm in the
-MLPs) uses the same steps as plain autograd operations.
-``implementation="direct"`` is the textbook version of Fig. 2 (a pooling, two 1 x 1
-convolutions, a BN and an upsampled full-size weight map per scale, then their mean): it shares
-the parameters, is the oracle of the tests and the reference of the benchmarks.
+Three implementations compute the same function with the same parameters (``implementation``, an
+internal option of the registry: benchmarks and tests choose it, recipes do not):
+
+* ``"fast"`` (the default): a regional module is one autograd node with a hand-written backward
+  (:mod:`mssar_cli.fused_gate`) where that node applies, else the autograd composition;
+* ``"autograd"``: the composition of plain autograd operations. It pools the source once onto
+  the refined grid every scale's regions are unions of (:mod:`mssar_cli.partition`), runs every
+  scale's MLP on its pooled positions, brings the weights to the grid by nested upsampling and
+  multiplies the map once by their mean, without a full-size weight map per scale. It is also
+  what ``"fast"`` runs under ``torch.compile``, on channels-last maps and on large maps with a
+  non-uniform grid;
+* ``"direct"``: the textbook version of Fig. 2 (a pooling, two 1 x 1 convolutions, a BN and an
+  upsampled full-size weight map per scale, then their mean): the oracle of the tests, the
+  reference of the benchmarks and the form FLOPs are counted on (:mod:`mssar_cli.complexity`).
+
+The sliding strategy has one form in ``"fast"`` and ``"autograd"`` (window means by one average
+pooling, the MLPs on every position).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
-from mssar_cli.batchnorm import momentum_factor
-from mssar_cli.fused_gate import MATRIX_MAP, SMALL_MAP, BandLayout, MatrixLayout, fused_gate
-from mssar_cli.fused_gate import supports as fused_gate_supports
-from mssar_cli.partition import grid_plan, region_bounds
+from mssar_cli import fused_gate
+from mssar_cli.batchnorm import momentum_factor, uses_batch_statistics
+from mssar_cli.errors import ModelError
+from mssar_cli.partition import grid_plan, region_bounds, regions_along
+from mssar_cli.recalibration.width import bottleneck_width, check_width
 
 STRATEGIES = ("regional", "sliding")
-IMPLEMENTATIONS = ("fast", "direct")
+IMPLEMENTATIONS = ("fast", "autograd", "direct")
 DEFAULT_SCALES = (1, 2, 4)
 
 
@@ -43,26 +49,24 @@ def validate_scales(scales: Sequence[int]) -> tuple[int, ...]:
     try:
         values = tuple(scales)
     except TypeError:
-        raise ValueError(f"scales must be a sequence of positive integers, got {scales!r}") from None
+        message = f"scales must be a sequence of positive integers, got {scales!r}"
+        raise ModelError(message) from None
     if not values:
-        raise ValueError("scales must be a non-empty set of positive integers, got an empty set")
+        raise ModelError("scales must be a non-empty set of positive integers, got an empty set")
     for k in values:
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-            raise ValueError(f"scales must be positive integers, got {k!r} in {list(values)}")
+            raise ModelError(f"scales must be positive integers, got {k!r} in {list(values)}")
     if len(set(values)) != len(values):
-        raise ValueError(f"scales must be distinct, got {list(values)}")
+        raise ModelError(f"scales must be distinct, got {list(values)}")
     return values
 
 
-def bottleneck_width(channels: int, num_scales: int, reduction: float) -> int:
-    """Per-scale width D' of the MLP (SPEC.md §1): total width D / reduction split over L scales.
-
-    The paper writes D' = D / L (§3.5) and D' = D / 3 for CIFAR (§4.1); its Tables 2 and 3 are
-    reproduced by floor(D / (reduction * L)) per scale with reduction = 3, at least 1.
-    """
-    if reduction <= 0:
-        raise ValueError(f"reduction must be positive, got {reduction!r}")
-    return max(1, int(channels // (reduction * num_scales)))
+def _param(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>``, from its parameter dictionary when it is there (no
+    ``nn.Module.__getattr__`` on every forward), else the attribute itself: a parametrized weight
+    (``torch.nn.utils.parametrize``) or a DataParallel replica's plain tensor."""
+    param = module._parameters.get(name)
+    return getattr(module, name) if param is None else param
 
 
 class ScaleBranch(nn.Module):
@@ -79,11 +83,24 @@ class ScaleBranch(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         # The hidden units as (1, D', rows): BN's statistics then reduce over a contiguous last
-        # dimension (measured on CPU, 2048 rows: forward 3.7x, forward + backward 2.3x faster than
-        # over the rows of a (rows, D') matrix).
+        # dimension, which its kernel does in one streaming pass, where over the rows of a
+        # (rows, D') matrix every channel's values are strided.
         hidden = (self.reduce.weight @ pooled.t()).unsqueeze(0)
         hidden = F.relu(self.bn(hidden)).squeeze(0)
         return torch.sigmoid(torch.addmm(self.expand.bias, hidden.t(), self.expand.weight.t()))
+
+    def gate_mlp(self) -> fused_gate.ScaleMLP:
+        """This scale's parameters and BN as the fused gate takes them."""
+        modules = self._modules
+        reduce, bn, expand = modules["reduce"], modules["bn"], modules["expand"]
+        return fused_gate.ScaleMLP(
+            _param(reduce, "weight"),
+            _param(bn, "weight"),
+            _param(bn, "bias"),
+            _param(expand, "weight"),
+            _param(expand, "bias"),
+            bn,
+        )
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -123,6 +140,11 @@ def sliding_radius(height: int, width: int, k: int) -> int:
     return math.isqrt(height * width) // k
 
 
+def covers_whole_map(height: int, width: int, k: int) -> bool:
+    """Whether scale ``k``'s sliding window around every position covers the whole map."""
+    return sliding_radius(height, width, k) >= max(height, width) - 1
+
+
 class MSSAR(nn.Module):
     """Multi-scale spatially-asymmetric recalibration (paper §3.2-3.3).
 
@@ -132,10 +154,23 @@ class MSSAR(nn.Module):
         strategy: ``"regional"`` (exact K x K partition, the paper's default) or ``"sliding"``
             (a clipped square window of radius floor(sqrt(HW)/K) around every position; SPEC.md
             §1 explains why it is a square rather than the L1 ball of the text).
-        reduction: total MLP width is D / reduction, split over the scales (:func:`bottleneck_width`).
+        reduction: total MLP width is D / reduction, split over the scales
+            (:func:`~mssar_cli.recalibration.width.bottleneck_width`).
         source_channels: D_in of the tensor the weights are computed from (default ``channels``).
         hidden_channels: explicit per-scale width D', overriding ``reduction``.
-        implementation: ``"fast"`` or ``"direct"`` (same parameters and output; see module doc).
+        implementation: ``"fast"``, ``"autograd"`` or ``"direct"`` (same parameters and output;
+            see the module docstring).
+
+    A scale K larger than an axis of the map is clamped to that axis, separately for rows and
+    columns: on a 2 x 2 map K = 4 cuts 2 x 2 regions, each position its own (the paper never has
+    K larger than the map; :func:`mssar_cli.partition.regions_along`). The sliding window needs
+    no clamp: its radius floor(sqrt(HW)/K) is defined for every K (0: each position alone).
+
+    In training, BN normalises each scale's pooled values with their batch statistics, so one
+    image that a scale pools into a single vector (K = 1, a map clamped to one region, a sliding
+    window covering the whole map) raises a ValueError in every implementation, as
+    ``nn.BatchNorm1d`` does for one value per channel; in evaluation mode BN uses its running
+    statistics and any batch works.
     """
 
     def __init__(
@@ -151,18 +186,17 @@ class MSSAR(nn.Module):
         super().__init__()
         self.scales = validate_scales(scales)
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+            raise ModelError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
         if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
+            raise ModelError(
                 f"implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}"
             )
-        if channels <= 0:
-            raise ValueError(f"channels must be positive, got {channels}")
+        channels = check_width("channels", channels)
         source_channels = channels if source_channels is None else source_channels
+        source_channels = check_width("source_channels", source_channels)
         if hidden_channels is None:
             hidden_channels = bottleneck_width(channels, len(self.scales), reduction)
-        elif hidden_channels <= 0:
-            raise ValueError(f"hidden_channels must be positive, got {hidden_channels}")
+        hidden_channels = check_width("hidden_channels", hidden_channels)
         self.strategy = strategy
         self.implementation = implementation
         self.channels, self.source_channels, self.hidden_channels = (
@@ -178,17 +212,25 @@ class MSSAR(nn.Module):
         return (
             f"{self.channels}, scales={self.scales}, strategy={self.strategy!r}, "
             f"source_channels={self.source_channels}, hidden_channels={self.hidden_channels}"
-            + (", implementation='direct'" if self.implementation == "direct" else "")
+            + ("" if self.implementation == "fast" else f", implementation={self.implementation!r}")
         )
 
     def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        own = source is None or source is x
         source = x if source is None else source
         self._check_shapes(x, source)
+        if x.shape[0] == 1:
+            self._check_single_image(*x.shape[2:])
         if self.implementation == "direct":
             return x * self.direct_weights(source)
         if self.strategy == "sliding":
             return x * self.sliding_weights(source)
-        return self._regional_fast(x, source)
+        if self.implementation == "fast":
+            mlps = [branch.gate_mlp() for branch in self.branches]
+            out = fused_gate.recalibrate(x, None if own else source, self.scales, mlps)
+            if out is not None:
+                return out
+        return self.regional_composition(x, source)
 
     def _check_shapes(self, x: torch.Tensor, source: torch.Tensor) -> None:
         if x.dim() != 4 or source.dim() != 4:
@@ -202,97 +244,94 @@ class MSSAR(nn.Module):
             raise ValueError(
                 f"source {tuple(source.shape)} must match x {tuple(x.shape)} in batch and size"
             )
-        height, width = x.shape[2:]
-        too_large = [k for k in self.scales if k > min(height, width)]
-        if too_large:
-            raise ValueError(
-                f"scales {too_large} are larger than the {height}x{width} feature map: "
-                f"a scale K needs at least K rows and K columns"
-            )
 
-    # --- fast regional path -------------------------------------------------------------------
+    def _check_single_image(self, height: int, width: int) -> None:
+        """One image: refuse a scale whose BN would normalise one value per channel with batch
+        statistics, the same for every implementation (the direct sliding form's copies of that
+        one value would hide it from BN's own check)."""
+        for k, branch in zip(self.scales, self.branches):
+            if self.strategy == "sliding":
+                single = covers_whole_map(height, width, k)
+            else:
+                single = regions_along(height, k) * regions_along(width, k) == 1
+            if single and uses_batch_statistics(branch.bn):
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training: MS-SAR scale {k} "
+                    f"pools one image's {height}x{width} map into one vector, and its BN cannot "
+                    "normalise a single value (use a batch of 2 or more, or evaluation mode)"
+                )
 
-    def _regional_fast(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    # --- regional strategy: the autograd composition -------------------------------------------
+
+    def regional_composition(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """``x`` times Z of Eq. 2, regional strategy, composed of autograd operations."""
         n, d, height, width = x.shape
         plan = grid_plan(height, width, self.scales, source.device, source.dtype)
         rh, rw = len(plan.rows.sizes), len(plan.cols.sizes)
         sh, sw = plan.rows.sizes[0], plan.cols.sizes[0]
-        if (
-            x.is_contiguous()
-            and source.is_contiguous()
-            and not torch.compiler.is_compiling()
-            and fused_gate_supports(self.branches)
-        ):
-            # The whole module as one autograd node with a hand-written backward (fused_gate).
-            layout = None
-            if height * width <= MATRIX_MAP or (not plan.uniform and height * width <= SMALL_MAP):
-                layout = MatrixLayout(self.scales, height, width)
-            elif plan.uniform:
-                layout = BandLayout(self.scales, height, width, sh)
-            if layout is not None:
-                own = None if source is x else source
-                return fused_gate(x, own, layout, self.branches)
-
-        # Autograd composition: torch.compile (which fuses it), channels-last maps, and large maps
-        # whose refined grid is not uniform.
-        if plan.uniform and all(rh % k == 0 and rw % k == 0 for k in self.scales):
-            weigh = self._nested_weights
-        else:
-            weigh = functools.partial(self._refined_weights, plan=plan)
         if plan.uniform:
-            weights = weigh(F.avg_pool2d(source, (sh, sw))).expand(n, d, rh, rw)
+            refined = F.avg_pool2d(source, (sh, sw))
+            nested = all(rh % kh == 0 and rw % kw == 0 for kh, kw in map(plan.regions, self.scales))
+            if nested:
+                weights = self._nested_weights(refined, plan)
+            else:
+                weights = self._refined_weights(refined, plan)
+            weights = weights.expand(n, d, rh, rw)
             if x.is_contiguous():
-                # W-widened band multiply: no full-size weight map (see BandLayout)
+                # widened along W and broadcast over each block's rows: no full-size weight map
                 banded = weights.repeat_interleave(sw, dim=3).unsqueeze(3)
                 return (x.view(n, d, rh, sh, width) * banded).view(n, d, height, width)
             full = weights.repeat_interleave(sh, dim=2)
             return x * full.repeat_interleave(sw, dim=3)
-        sums = source.new_zeros(n, source.shape[1], rh, width).index_add(2, plan.row_segment, source)
-        sums = sums.new_zeros(n, source.shape[1], rh, rw).index_add(3, plan.col_segment, sums)
+        c = source.shape[1]
+        sums = source.new_zeros(n, c, rh, width).index_add(2, plan.row_segment, source)
+        sums = sums.new_zeros(n, c, rh, rw).index_add(3, plan.col_segment, sums)
         area = torch.outer(
             torch.tensor(plan.rows.sizes, dtype=sums.dtype, device=sums.device),
             torch.tensor(plan.cols.sizes, dtype=sums.dtype, device=sums.device),
         )
-        weights = weigh(sums / area).expand(n, d, rh, rw)
+        weights = self._refined_weights(sums / area, plan).expand(n, d, rh, rw)
         full = weights.index_select(2, plan.row_segment)
         return x * full.index_select(3, plan.col_segment)
 
-    def _nested_weights(self, refined: torch.Tensor) -> torch.Tensor:
-        """Mean over scales of the weights on an equal-block grid that every scale's regions nest in.
+    def _nested_weights(self, refined: torch.Tensor, plan) -> torch.Tensor:
+        """Mean over scales of the weights on an equal-block grid every scale's regions nest in.
 
-        Each K x K region is then exactly (rh/K) x (rw/K) refined blocks of equal size, so its mean
+        Each region is then exactly (rh/kh) x (rw/kw) refined blocks of equal size, so its mean
         is an average pool of the refined means, and its weight reaches the refined grid by a
         nearest upsampling. The common case: {1, 2, 4} on 32x32, 16x16, 8x8 maps (grid 4 x 4).
         """
         n, _, rh, rw = refined.shape
         weights = None
         for k, branch in zip(self.scales, self.branches):
-            if k == 1:
+            kh, kw = plan.regions(k)
+            if kh == kw == 1:
                 term = branch(refined.mean((2, 3)))[:, :, None, None]  # broadcast over the grid
             else:
-                pooled = refined if k == rh and k == rw else F.avg_pool2d(refined, (rh // k, rw // k))
-                z = _unrows(branch(_rows(pooled)), n, k, k)
+                whole = kh == rh and kw == rw
+                pooled = refined if whole else F.avg_pool2d(refined, (rh // kh, rw // kw))
+                z = _unrows(branch(_rows(pooled)), n, kh, kw)
                 # nearest upsampling by the integer factors: region r covers blocks r*f .. r*f+f-1
-                # (its backward kernel is several times faster than an expand's strided sum)
-                term = z if k == rh and k == rw else F.interpolate(z, size=(rh, rw), mode="nearest")
+                # (its backward sums each block directly, where an expand's is a strided sum)
+                term = z if whole else F.interpolate(z, size=(rh, rw), mode="nearest")
             weights = term if weights is None else weights + term
         return weights / len(self.scales)
 
     def _refined_weights(self, refined: torch.Tensor, plan) -> torch.Tensor:
         """Mean over scales of the weights on the refined grid, for any partition (index_add)."""
-        n, d = refined.shape[0], self.channels
-        rw = refined.shape[3]
+        n, c, _, rw = refined.shape
         weights = None  # sum over scales of each scale's weights, on the refined grid
         for k, branch, rows, cols, share in zip(
             self.scales, self.branches, plan.row_region, plan.col_region, plan.share
         ):
+            kh, kw = plan.regions(k)
             weighted = refined * share  # segment mean x its share of the region
-            if k == 1:
-                z = branch(weighted.sum((2, 3))).view(n, d, 1, 1)
+            if kh == kw == 1:
+                z = branch(weighted.sum((2, 3))).view(n, self.channels, 1, 1)
             else:
-                pooled = weighted.new_zeros(n, weighted.shape[1], k, rw).index_add(2, rows, weighted)
-                pooled = pooled.new_zeros(n, pooled.shape[1], k, k).index_add(3, cols, pooled)
-                z = _unrows(branch(_rows(pooled)), n, k, k)
+                pooled = weighted.new_zeros(n, c, kh, rw).index_add(2, rows, weighted)
+                pooled = pooled.new_zeros(n, c, kh, kw).index_add(3, cols, pooled)
+                z = _unrows(branch(_rows(pooled)), n, kh, kw)
                 z = z.index_select(2, rows).index_select(3, cols)
             weights = z if weights is None else weights + z
         return weights / len(self.scales)
@@ -305,7 +344,7 @@ class MSSAR(nn.Module):
         total = None
         for k, branch in zip(self.scales, self.branches):
             radius = sliding_radius(height, width, k)
-            if radius >= max(height, width) - 1:  # the window covers the whole map: SE-like
+            if covers_whole_map(height, width, k):  # SE-like: one vector per image
                 z = _global_branch(branch, source.mean((2, 3)), height * width).view(n, -1, 1, 1)
             else:
                 pooled = F.avg_pool2d(
@@ -315,7 +354,7 @@ class MSSAR(nn.Module):
             total = z if total is None else total + z
         return total / len(self.scales)
 
-    # --- direct implementation (oracle, benchmark reference) ---------------------------------
+    # --- direct implementation (oracle, benchmark reference, FLOPs) ---------------------------
 
     def direct_weights(self, source: torch.Tensor) -> torch.Tensor:
         """Z of Eq. 2 computed the direct way: a full-size weight map per scale, then the mean."""
@@ -339,19 +378,20 @@ class MSSAR(nn.Module):
         height, width = source.shape[2:]
         if self.strategy == "sliding":
             return _window_means(source, sliding_radius(height, width, k))
-        if height % k == 0 and width % k == 0:
-            return F.adaptive_avg_pool2d(source, k)
+        kh, kw = regions_along(height, k), regions_along(width, k)
+        if height % kh == 0 and width % kw == 0:
+            return F.adaptive_avg_pool2d(source, (kh, kw))
         rows, cols = region_bounds(height, k), region_bounds(width, k)
         return torch.stack(
             [
                 torch.stack(
                     [
                         source[:, :, rows[i] : rows[i + 1], cols[j] : cols[j + 1]].mean((2, 3))
-                        for j in range(k)
+                        for j in range(kw)
                     ],
                     dim=-1,
                 )
-                for i in range(k)
+                for i in range(kh)
             ],
             dim=-2,
         )
@@ -373,54 +413,3 @@ def _window_means(source: torch.Tensor, radius: int) -> torch.Tensor:
     )
     count = torch.outer(bottom - top, right - left).to(source.dtype)
     return total / count
-
-
-class SqueezeExcitation(torchvision.ops.SqueezeExcitation):
-    """SE (Hu et al. 2018): global mean -> FC -> ReLU -> FC -> sigmoid -> multiply; no BN.
-
-    torchvision's module, extended to take a separate ``source`` (multi-stage DenseNets); its
-    squeeze width is ``channels // reduction`` unless ``hidden_channels`` is given.
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        reduction: float = 16,
-        source_channels: int | None = None,
-        hidden_channels: int | None = None,
-    ) -> None:
-        if hidden_channels is None:
-            hidden_channels = bottleneck_width(channels, 1, reduction)
-        super().__init__(channels, hidden_channels)
-        self.channels = channels
-        self.source_channels = channels if source_channels is None else source_channels
-        if self.source_channels != channels:
-            self.fc1 = nn.Conv2d(self.source_channels, hidden_channels, 1)
-
-    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
-        return x * self._scale(x if source is None else source)
-
-
-RECALIBRATIONS: dict[str, Callable[..., nn.Module] | None] = {
-    "none": None,
-    "se": SqueezeExcitation,
-    "mssar": MSSAR,
-}
-MSSAR_ONLY_OPTIONS = ("scales", "strategy", "implementation")
-
-
-def make_recalibration(kind: str, channels: int, **options) -> nn.Module | None:
-    """Build the recalibration module ``kind`` for a ``channels``-wide map, or None for "none".
-
-    ``options`` go to the module's constructor; MS-SAR-only options are rejected for SE.
-    """
-    if kind not in RECALIBRATIONS:
-        raise ValueError(f"recalibration must be one of {list(RECALIBRATIONS)}, got {kind!r}")
-    factory = RECALIBRATIONS[kind]
-    if factory is None:
-        return None
-    if factory is SqueezeExcitation:
-        stray = [name for name in MSSAR_ONLY_OPTIONS if name in options]
-        if stray:
-            raise ValueError(f"option(s) {stray} apply only to recalibration 'mssar', not 'se'")
-    return factory(channels, **options)

@@ -1,0 +1,1 @@
+"""Benchmarks of mssar: ``python -m benchmarks.module_step``, ``python -m benchmarks.pipeline``."""

@@ -1,0 +1,31 @@
+"""Fixtures shared by the test files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "recipes" / "smoke.yaml"
+
+
+@pytest.fixture
+def smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of recipes/smoke.yaml in an empty working directory (runs land in ./results)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(SMOKE, tmp_path / "smoke.yaml")
+    return tmp_path / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The CPU is shared: with two intra-op threads on a busy machine, every parallel region
+    waits for a descheduled thread, and one thread is faster than fighting for two."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
