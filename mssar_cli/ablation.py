@@ -18,7 +18,7 @@ import yaml
 from mssar_cli import runs
 from mssar_cli.errors import MssarError
 from mssar_cli.models import MODELS, STAGES
-from mssar_cli.recalibration import RECALIBRATIONS
+from mssar_cli.recalibration import PLAIN, RECALIBRATIONS
 from mssar_cli.recipe import MODULE_KEYS, Recipe, choices, load, with_overrides
 
 SCALE_SETS = ((1,), (2,), (4,), (1, 2), (1, 4), (2, 4), (1, 2, 4))  # Table 3's rows
@@ -63,9 +63,10 @@ def _set(key: str, value) -> str:
     return f"{key}={text}"
 
 
-def kind_cells(kind: str, base: Recipe) -> list[Cell]:
+def kind_cells(kind: str, base: Recipe, modules: list[str] | None = None) -> list[Cell]:
     """The paper's grids (§4.2): Table 3's scale sets, regional vs sliding, single vs multi-stage,
-    and every registered recalibration module against the plain network."""
+    and the registered recalibration modules (``modules``, default all) against the plain
+    network."""
     if kind == "scales":
         cells = [_module_cell("none")]
         for scales in SCALE_SETS:
@@ -88,10 +89,21 @@ def kind_cells(kind: str, base: Recipe) -> list[Cell]:
             Cell(s, (_set("model.recalibration", recal), _set("model.stage", s))) for s in STAGES
         ]
     if kind == "recalibration":
-        return [_module_cell(name) for name in RECALIBRATIONS]
+        return [_module_cell(name) for name in _chosen_modules(modules)]
     if kind == "grid":
         return [Cell("base", ())]
     raise MssarError(f"ablation kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def _chosen_modules(modules: list[str] | None) -> list[str]:
+    """The plain network and ``modules`` (every registered one when None), in registry order."""
+    if modules is None:
+        return list(RECALIBRATIONS)
+    for name in modules:
+        if name not in RECALIBRATIONS:
+            known = ", ".join(k for k in RECALIBRATIONS if k != PLAIN)
+            raise MssarError(f"--modules: unknown module {name!r} (known: {known})")
+    return [name for name in RECALIBRATIONS if name == PLAIN or name in modules]
 
 
 def _module_cell(name: str) -> Cell:
@@ -141,14 +153,18 @@ def plan(
     overrides: list[str],
     grid: list[str],
     seeds: int,
+    modules: list[str] | None = None,
 ) -> list[PlannedRun]:
-    """Every run of the ablation, validated (a bad cell fails here, before anything runs)."""
+    """Every run of the ablation, validated (a bad cell fails here, before anything runs).
+    ``modules`` chooses the modules of the ``recalibration`` grid (default: all registered)."""
+    if modules is not None and kind != "recalibration":
+        raise MssarError("--modules chooses the modules of `mssar ablate recalibration` only")
     if seeds < 1:
         raise MssarError(f"--seeds: expected at least 1, got {seeds}")
     base = load(recipe_path, overrides)
     if kind == "grid" and not grid:
         raise MssarError("mssar ablate grid needs at least one --grid KEY=V1,V2")
-    axes = [kind_cells(kind, base), *parse_grid(grid, base.source)]
+    axes = [kind_cells(kind, base, modules), *parse_grid(grid, base.source)]
     planned = []
     for combo in itertools.product(*axes):
         labels = [c.label for c in combo if c.label != "base"]

@@ -270,6 +270,10 @@ def ablate(
         list[str] | None,
         typer.Option("--slurm", help="slurm: another sbatch parameter, e.g. account=vision."),
     ] = None,
+    modules: Annotated[
+        str | None,
+        typer.Option(help="recalibration: the modules to run beside plain, e.g. se,mssar,eca."),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the runs and their state; run nothing.")
     ] = False,
@@ -291,7 +295,8 @@ def ablate(
         tuple(slurm or ()),
     )
     gpus = launch.check(options, not dry_run)  # impossible options fail here, before any run
-    planned = ablation.plan(kind, recipe, set_ or [], grid or [], seeds)
+    chosen = None if modules is None else [m.strip() for m in modules.split(",") if m.strip()]
+    planned = ablation.plan(kind, recipe, set_ or [], grid or [], seeds, chosen)
     states = run_states(planned)
     _say(_ablate_counts([state.state for state in states]))
     if dry_run:

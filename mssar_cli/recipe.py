@@ -51,8 +51,8 @@ def _opt(
         "protocol": protocol,
         "local": local,
     }
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -70,6 +70,7 @@ class ModelSection:
     stage: str | None = _opt(
         None, "single | multi (DenseNets; default multi)", choices=("single", "multi", None)
     )
+    options: dict = _opt({}, "the module's other options, e.g. {extent: 4} for ge (docs/usage.md)")
 
 
 # The model section's keys that are options of a recalibration module (the registry's).
@@ -182,7 +183,7 @@ class Recipe:
         options = {key: getattr(self.model, key) for key in MODULE_KEYS}
         if options.get("scales") is not None:
             options["scales"] = tuple(options["scales"])
-        return options | {"stage": self.model.stage}
+        return options | dict(self.model.options) | {"stage": self.model.stage}
 
     @property
     def dataset_dir(self) -> str:
@@ -371,6 +372,8 @@ def _type_name(annotation) -> str:
     if _is_optional(annotation):
         inner = [a for a in args if a is not type(None)][0]
         return f"{_type_name(inner)} or null"
+    if annotation is dict:
+        return "a mapping of option names to values"
     if typing.get_origin(annotation) is list:
         plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
         return f"a list of {plural.get(args[0], str(args[0]))}"
@@ -393,6 +396,18 @@ def _check_value(value, annotation, meta, source: str, key: str):
         raise RecipeError(f"{source}: {key}: expected {expected}, got null")
     if _is_optional(annotation):
         annotation = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: {key}: expected {expected}, got {value!r}")
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise RecipeError(f"{source}: {key}: option names must be names, got {name!r}")
+            if item is not None and not isinstance(item, (bool, int, float, str)):
+                raise RecipeError(
+                    f"{source}: {key}.{name}: expected a number, true or false, a string or null, "
+                    f"got {item!r}"
+                )
+        return dict(value)
     if typing.get_origin(annotation) is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):
@@ -448,6 +463,24 @@ def _check_consistency(recipe: Recipe, source: str) -> None:
                 f"{source}: model.{name}: applies only to recalibration {_either(users)} "
                 f"(this recipe has {m.recalibration}); remove it"
             )
+    entry = RECALIBRATIONS[m.recalibration]
+    for name in m.options:
+        if name in MODULE_KEYS:
+            raise RecipeError(
+                f"{source}: model.options.{name}: set it as model.{name}, not under options"
+            )
+        if name not in entry.options:
+            takes = [k for k in entry.options if k not in MODULE_KEYS]
+            known = ", ".join(takes) if takes else "none besides its own keys"
+            raise RecipeError(
+                f"{source}: model.options.{name}: recalibration {m.recalibration} does not take "
+                f"{name!r} (its options: {known})"
+            )
+    if m.stage == "multi" and not entry.takes_source:
+        raise RecipeError(
+            f"{source}: model.stage: recalibration {m.recalibration} computes its gate from the "
+            "maps it recalibrates; DenseNets need stage: single with it"
+        )
     if m.stage is not None and not MODELS[m.name].is_densenet:
         raise RecipeError(f"{source}: model.stage: applies only to DenseNets, not {m.name}")
     if m.scales is not None:

@@ -23,6 +23,7 @@ from mssar_cli import ablation, runs
 from mssar_cli.errors import MssarError
 from mssar_cli.launch import local
 from mssar_cli.launch.job import train_command
+from mssar_cli.recalibration import RECALIBRATIONS
 from mssar_cli.recipe import dump
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +33,8 @@ SCALE_LABELS = ["none", "1", "2", "4", "1_2", "1_4", "2_4", "1_2_4"]
 TABLE3_SCALES = ["none", "{1}", "{2}", "{4}", "{1,2}", "{1,4}", "{2,4}", "{1,2,4}"]
 
 
-def plan(kind: str, recipe: Path, overrides=(), grid=(), seeds: int = 1):
-    return ablation.plan(kind, str(recipe), list(overrides), list(grid), seeds)
+def plan(kind: str, recipe: Path, overrides=(), grid=(), seeds: int = 1, modules=None):
+    return ablation.plan(kind, str(recipe), list(overrides), list(grid), seeds, modules)
 
 
 # --- planning -------------------------------------------------------------------------------------
@@ -109,10 +110,13 @@ def test_stage_needs_a_densenet(smoke: Path) -> None:
 
 
 def test_recalibration_none_se_mssar(smoke: Path) -> None:
+    everything = plan("recalibration", smoke)
+    assert [r.cell.label for r in everything] == list(RECALIBRATIONS)  # every registered module
     planned = plan(
         "recalibration",
         smoke,
         ["model.scales=[1,2]", "model.strategy=sliding", "model.reduction=6"],
+        modules=["mssar", "se"],
     )
     assert [r.cell.label for r in planned] == ["none", "se", "mssar"]
     none, se, mssar = (r.recipe.model for r in planned)
@@ -278,7 +282,13 @@ def test_recalibration_ablation_reports_plain_se_mssar_rows_and_three_curves(
     from mssar_cli.report import build_report, figures, render
 
     monkeypatch.chdir(tmp_path)
-    planned = plan("recalibration", FMNIST_SHORT, ["experiment=resnet20_cpu_short"], seeds=3)
+    planned = plan(
+        "recalibration",
+        FMNIST_SHORT,
+        ["experiment=resnet20_cpu_short"],
+        seeds=3,
+        modules=["se", "mssar"],
+    )
     assert sorted({r.recipe.experiment for r in planned}) == [
         f"resnet20_cpu_short--recalibration-{c}" for c in ("mssar", "none", "se")
     ]

@@ -222,9 +222,12 @@ def test_slurm_array_of_24_runs_sbatch_script(smoke: Path, fake_slurm: Path) -> 
 
 
 def test_squeue_tells_which_submitted_runs_still_wait(smoke: Path, fake_slurm: Path) -> None:
-    _invoke(["ablate", "recalibration", "smoke.yaml", "--launcher", "slurm", "--time", "60"])
+    paper = ["--modules", "se,mssar"]
+    _invoke(
+        ["ablate", "recalibration", "smoke.yaml", *paper, "--launcher", "slurm", "--time", "60"]
+    )
     _script(fake_slurm / "squeue", "#!/bin/sh\necho 1234_2\n")  # the others left the queue
-    result = _invoke(["ablate", "recalibration", "smoke.yaml", "--dry-run"])
+    result = _invoke(["ablate", "recalibration", "smoke.yaml", *paper, "--dry-run"])
     assert (
         "3 runs: 0 finished (skipped), 1 queued (skipped), 0 interrupted (resumed), 2 to start"
         in (result.stdout)
@@ -553,7 +556,7 @@ def test_submitit_local_grid_ends_like_local(smoke: Path) -> None:
     """`ablate recalibration --launcher submitit-local --jobs 2`: the same finished run
     directories (and, on the CPU with one thread, the same errors) as --launcher local."""
     work = smoke.parent
-    args = ["ablate", "recalibration", "smoke.yaml", "--jobs", "2", *TINY]
+    args = ["ablate", "recalibration", "smoke.yaml", "--modules", "se,mssar", "--jobs", "2", *TINY]
     result = _invoke([*args, "--launcher", "submitit-local"])
     assert result.exit_code == 0, result.output
     assert result.stdout.count("  done smoke--recalibration-") == 3

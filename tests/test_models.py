@@ -35,6 +35,7 @@ CIFAR_RESNETS = ["resnet20", "resnet32", "resnet56"]
 IMAGENET = ["resnet18", "resnet34", "resnext50"]
 DENSENETS = ["densenet100", "densenet190"]
 RECALS = ["none", "se", "mssar"]
+ZOO = ["eca", "cbam", "ge", "coord", "gc"]  # the modules that came after MS-SAR (SPEC.md §7)
 TORCHVISION = {
     "resnet18": (torchvision.models.resnet18, 11_689_512),
     "resnet34": (torchvision.models.resnet34, 21_797_672),
@@ -121,7 +122,7 @@ def test_registry_lists_the_papers_networks():
         "resnet34",
         "resnext50",
     ]
-    assert list(RECALIBRATIONS) == RECALS
+    assert list(RECALIBRATIONS) == [*RECALS, *ZOO]
     for name in list_models():
         spec = model_spec(name)
         assert spec.input_size == (224 if name in IMAGENET else 32)
@@ -155,6 +156,17 @@ def test_imagenet_network_trains(name, recalibration):
     """At 64x64, with the default scales {1, 2, 4} on a 2x2 last stage."""
     model = create_model(name, num_classes=NUM_CLASSES, recalibration=recalibration)
     check_trains(model, IMAGENET_SIZE)
+
+
+@pytest.mark.parametrize("recalibration", ZOO)
+@pytest.mark.parametrize("name", ["resnet20", "densenet100", "resnext50"])
+def test_the_later_modules_train_in_every_family(name, recalibration):
+    """At SE's placement (residual branch after its last BN; DenseNet layers on the new maps,
+    single-stage: these modules gate the map they are given); ImageNet networks at 64x64."""
+    model = create_model(name, num_classes=NUM_CLASSES, recalibration=recalibration)
+    modules = [m for m in model.modules() if getattr(m, "name", None) == recalibration]
+    assert len(modules) == (48 if name == "densenet100" else 9 if name == "resnet20" else 16)
+    check_trains(model, IMAGENET_SIZE if name in IMAGENET else 32)
 
 
 def test_mssar_sliding_direct_network_trains():
@@ -471,8 +483,9 @@ def test_unknown_model_lists_the_known_ones():
 
 def test_unknown_recalibration_lists_the_known_ones():
     with pytest.raises(ModelError) as info:
-        create_model("resnet20", recalibration="cbam")
-    assert all(kind in str(info.value) for kind in RECALS)
+        create_model("resnet20", recalibration="cbma")
+    assert all(kind in str(info.value) for kind in [*RECALS, *ZOO])
+    assert "did you mean 'cbam'?" in str(info.value)
 
 
 @pytest.mark.parametrize("recalibration", RECALS)

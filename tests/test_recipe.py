@@ -20,9 +20,22 @@ SHIPPED = sorted(RECIPES.glob("**/*.yaml"))
 
 CIFAR_NETS = ("resnet20", "resnet32", "resnet56", "densenet100", "densenet190")
 EXPECTED = (
-    {f"{ds}/{net}_{v}.yaml" for ds in ("cifar10", "cifar100") for net in CIFAR_NETS for v in ("plain", "mssar")}
-    | {f"imagenet/{net}_{v}.yaml" for net in ("resnet18", "resnet34", "resnext50") for v in ("plain", "se", "mssar")}
-    | {f"fashion_mnist/{net}_{v}.yaml" for net in ("resnet20", "resnet56") for v in ("plain", "se", "mssar")}
+    {
+        f"{ds}/{net}_{v}.yaml"
+        for ds in ("cifar10", "cifar100")
+        for net in CIFAR_NETS
+        for v in ("plain", "mssar")
+    }
+    | {
+        f"imagenet/{net}_{v}.yaml"
+        for net in ("resnet18", "resnet34", "resnext50")
+        for v in ("plain", "se", "mssar")
+    }
+    | {
+        f"fashion_mnist/{net}_{v}.yaml"
+        for net in ("resnet20", "resnet56")
+        for v in ("plain", "se", "mssar")
+    }
     | {f"fashion_mnist/cpu_short/resnet20_{v}.yaml" for v in ("plain", "se", "mssar")}
     | {"quickstart.yaml", "smoke.yaml"}
 )
@@ -73,8 +86,17 @@ def test_cpu_short_recipe_is_the_shortened_cifar_protocol(path: Path):
     8 epochs with the lr steps at the same fractions (1/2, 3/4) as 80/120 of 160."""
     r = shipped(path)
     o, d, m = r.optim, r.data, r.model
-    assert (m.name, m.recalibration) == ("resnet20", RECALIBRATION_OF_SUFFIX[path.stem.rsplit("_", 1)[1]])
-    assert (d.dataset, d.subset, d.test_subset, d.batch_size, d.augment) == ("fashion-mnist", 6000, 2000, 128, True)
+    assert (m.name, m.recalibration) == (
+        "resnet20",
+        RECALIBRATION_OF_SUFFIX[path.stem.rsplit("_", 1)[1]],
+    )
+    assert (d.dataset, d.subset, d.test_subset, d.batch_size, d.augment) == (
+        "fashion-mnist",
+        6000,
+        2000,
+        128,
+        True,
+    )
     assert (o.lr, o.momentum, o.nesterov, o.weight_decay, o.gamma) == (0.1, 0.9, True, 1e-4, 0.1)
     assert (o.epochs, o.milestones) == (8, [4, 6])
     if m.recalibration != "none":
@@ -83,7 +105,9 @@ def test_cpu_short_recipe_is_the_shortened_cifar_protocol(path: Path):
     assert "SHORTENED" in head and "not comparable" in head
 
 
-@pytest.mark.parametrize("path", [p for p in SHIPPED if p.parent not in (RECIPES, CPU_SHORT)], ids=rel)
+@pytest.mark.parametrize(
+    "path", [p for p in SHIPPED if p.parent not in (RECIPES, CPU_SHORT)], ids=rel
+)
 def test_paper_recipe_follows_its_protocol(path: Path):
     r = shipped(path)
     o, d, m = r.optim, r.data, r.model
@@ -104,7 +128,9 @@ def test_paper_recipe_follows_its_protocol(path: Path):
             assert m.reduction in (None, 16)  # SENet's ratio, the family default
         return
     assert d.root == "data"
-    assert {"cifar10": "cifar10", "cifar100": "cifar100", "fashion_mnist": "fashion-mnist"}[folder] == d.dataset
+    assert {"cifar10": "cifar10", "cifar100": "cifar100", "fashion_mnist": "fashion-mnist"}[
+        folder
+    ] == d.dataset
     assert o.lr == 0.1
     if family == "cifar-densenet":
         assert folder != "fashion_mnist"
@@ -120,7 +146,9 @@ def test_paper_recipe_follows_its_protocol(path: Path):
         assert m.reduction == 3
 
 
-@pytest.mark.parametrize("path", [p for p in SHIPPED if p.stem.endswith("mssar") or p.parent == RECIPES], ids=rel)
+@pytest.mark.parametrize(
+    "path", [p for p in SHIPPED if p.stem.endswith("mssar") or p.parent == RECIPES], ids=rel
+)
 def test_mssar_recipes_use_the_papers_scales_and_strategy(path: Path):
     m = shipped(path).model
     assert m.recalibration == "mssar"
@@ -128,7 +156,9 @@ def test_mssar_recipes_use_the_papers_scales_and_strategy(path: Path):
     assert (m.strategy or "regional") == "regional"
 
 
-@pytest.mark.parametrize("path", [p for p in SHIPPED if not p.stem.endswith("mssar") and p.parent != RECIPES], ids=rel)
+@pytest.mark.parametrize(
+    "path", [p for p in SHIPPED if not p.stem.endswith("mssar") and p.parent != RECIPES], ids=rel
+)
 def test_non_mssar_recipes_carry_no_mssar_options(path: Path):
     m = shipped(path).model
     assert m.recalibration in ("none", "se")
@@ -138,11 +168,17 @@ def test_non_mssar_recipes_carry_no_mssar_options(path: Path):
 def test_quickstart_is_a_short_cpu_run_on_fashion_mnist():
     path = RECIPES / "quickstart.yaml"
     r = recipe.load(path)
-    assert (r.data.dataset, r.model.name, r.model.recalibration) == ("fashion-mnist", "resnet20", "mssar")
+    assert (r.data.dataset, r.model.name, r.model.recalibration) == (
+        "fashion-mnist",
+        "resnet20",
+        "mssar",
+    )
     assert (r.data.subset, r.data.test_subset, r.data.batch_size) == (6000, 2000, 128)
     assert r.optim.epochs <= 5 and r.optim.milestones and r.optim.milestones[-1] < r.optim.epochs
     assert r.run.threads is None and r.run.device == "auto"
-    comments = " ".join(line for line in path.read_text().splitlines() if line.startswith("#")).lower()
+    comments = " ".join(
+        line for line in path.read_text().splitlines() if line.startswith("#")
+    ).lower()
     assert "not the paper" in comments and "shortened" in comments
     assert "90%" in comments and "chance" in comments
     assert r.run_dir() == Path("results/fashion_mnist/quickstart/seed0")
@@ -150,8 +186,17 @@ def test_quickstart_is_a_short_cpu_run_on_fashion_mnist():
 
 def test_smoke_is_tiny_and_synthetic():
     r = recipe.load(RECIPES / "smoke.yaml")
-    assert (r.data.dataset, r.model.name, r.model.recalibration) == ("synthetic", "resnet20", "mssar")
-    assert (r.data.subset, r.data.test_subset, r.data.batch_size, r.data.eval_batch_size) == (256, 128, 64, 128)
+    assert (r.data.dataset, r.model.name, r.model.recalibration) == (
+        "synthetic",
+        "resnet20",
+        "mssar",
+    )
+    assert (r.data.subset, r.data.test_subset, r.data.batch_size, r.data.eval_batch_size) == (
+        256,
+        128,
+        64,
+        128,
+    )
     assert (r.optim.epochs, r.optim.milestones) == (2, [1])
 
 
@@ -219,13 +264,31 @@ BASE = "model:\n  name: resnet20\n  recalibration: mssar\n"
         ("optim:\n  milestones: [120, 80]\n", ("optim.milestones", "increasing", "[120, 80]")),
         ("optim:\n  milestones: [80, 80]\n", ("optim.milestones", "increasing")),
         ("optim:\n  milestones: [0, 80]\n", ("optim.milestones", "positive")),
-        ("optim:\n  epochs: 160\n  milestones: [80, 160]\n", ("optim.milestones", "< optim.epochs (160)")),
-        ("optim:\n  epochs: 10\n", ("optim.milestones", "< optim.epochs (10)")),  # default [80, 120]
+        (
+            "optim:\n  epochs: 160\n  milestones: [80, 160]\n",
+            ("optim.milestones", "< optim.epochs (160)"),
+        ),
+        (
+            "optim:\n  epochs: 10\n",
+            ("optim.milestones", "< optim.epochs (10)"),
+        ),  # default [80, 120]
         # options that do not apply
-        ("model:\n  recalibration: none\n  scales: [1, 2, 4]\n", ("model.scales", "only to recalibration mssar", "none")),
-        ("model:\n  recalibration: se\n  strategy: regional\n", ("model.strategy", "only to recalibration mssar")),
-        ("model:\n  recalibration: none\n  reduction: 3\n", ("model.reduction", "se or mssar")),
-        ("model:\n  name: resnet56\n  stage: multi\n", ("model.stage", "only to DenseNets", "resnet56")),
+        (
+            "model:\n  recalibration: none\n  scales: [1, 2, 4]\n",
+            ("model.scales", "only to recalibration mssar", "none"),
+        ),
+        (
+            "model:\n  recalibration: se\n  strategy: regional\n",
+            ("model.strategy", "only to recalibration mssar"),
+        ),
+        (
+            "model:\n  recalibration: none\n  reduction: 3\n",
+            ("model.reduction", "applies only to recalibration se, mssar, "),
+        ),
+        (
+            "model:\n  name: resnet56\n  stage: multi\n",
+            ("model.stage", "only to DenseNets", "resnet56"),
+        ),
         ("model:\n  scales: []\n", ("model.scales", "non-empty")),
         ("model:\n  scales: [1, 1]\n", ("model.scales", "distinct")),
         ("model:\n  scales: [0, 2]\n", ("model.scales", "positive")),
@@ -235,7 +298,10 @@ BASE = "model:\n  name: resnet20\n  recalibration: mssar\n"
         ("model:\n  name: resnet18\ndata:\n  dataset: cifar10\n", ("model.name", "cifar10")),
         # a key given twice (PyYAML would silently keep the last)
         ("optim:\n  lr: 0.1\n  lr: 0.2\n", ("optim.lr", "twice", "lines 2 and 3")),
-        ("optim:\n  lr: 0.1\nmodel: {}\noptim:\n  epochs: 3\n", ("optim", "twice", "lines 1 and 4")),
+        (
+            "optim:\n  lr: 0.1\nmodel: {}\noptim:\n  epochs: 3\n",
+            ("optim", "twice", "lines 1 and 4"),
+        ),
     ],
 )
 def test_bad_value_is_one_line_naming_file_and_key(tmp_path, text, must):
@@ -313,7 +379,9 @@ def test_recipe_is_frozen(tmp_path):
 
 def test_set_overrides(tmp_path):
     path = write(tmp_path, BASE + "optim:\n  lr: 0.1\n", "base.yaml")
-    r = recipe.load(path, ["optim.lr=0.05", "model.scales=[1,2]", "run.compile=true", "experiment=name"])
+    r = recipe.load(
+        path, ["optim.lr=0.05", "model.scales=[1,2]", "run.compile=true", "experiment=name"]
+    )
     assert r.optim.lr == 0.05 and isinstance(r.optim.lr, float)
     assert r.model.scales == [1, 2]
     assert r.run.compile is True
@@ -321,7 +389,9 @@ def test_set_overrides(tmp_path):
     assert r.run_dir() == Path("results/synthetic/name/seed0")
     # the file itself is untouched, later --set wins, exponents and integer-for-float work
     assert recipe.load(path).optim.lr == 0.1
-    r = recipe.load(path, ["optim.lr=0.2", "optim.lr=0.3", "optim.weight_decay=5e-4", "model.reduction=2"])
+    r = recipe.load(
+        path, ["optim.lr=0.2", "optim.lr=0.3", "optim.weight_decay=5e-4", "model.reduction=2"]
+    )
     assert (r.optim.lr, r.optim.weight_decay, r.model.reduction) == (0.3, 5e-4, 2.0)
     # a section the file does not have, and null back to the default
     r = recipe.load(path, ["run.seed=2", "run.threads=null", "model.scales=null"])
@@ -344,7 +414,10 @@ def test_set_overrides(tmp_path):
         ("optim.lr=[1", ("--set optim.lr", "cannot parse")),
         ("optim.epochs=ten", ("optim.epochs", "expected an integer")),
         ("optim.lr=", ("optim.lr", "got null")),
-        ("model.recalibration=none", ("model.scales", "only to recalibration mssar")),  # the file sets scales
+        (
+            "model.recalibration=none",
+            ("model.scales", "only to recalibration mssar"),
+        ),  # the file sets scales
         ("experiment=", ("experiment",)),
     ],
 )
@@ -369,7 +442,10 @@ def test_dump_round_trips(path: Path):
 
 
 def test_save_then_load_round_trips(tmp_path):
-    r = recipe.load(RECIPES / "quickstart.yaml", ["model.scales=[2, 4]", "optim.weight_decay=5e-4", "experiment=x1"])
+    r = recipe.load(
+        RECIPES / "quickstart.yaml",
+        ["model.scales=[2, 4]", "optim.weight_decay=5e-4", "experiment=x1"],
+    )
     out = tmp_path / "saved.yaml"
     recipe.save(r, out)
     again = recipe.load(out)
@@ -382,7 +458,9 @@ def test_run_dir(tmp_path):
     assert r.dataset_dir == "fashion_mnist"
     assert r.run_dir() == Path("results/fashion_mnist/resnet20_mssar/seed0")
     assert r.run_dir(2) == Path("results/fashion_mnist/resnet20_mssar/seed2")
-    r = recipe.load(RECIPES / "cifar100" / "densenet100_plain.yaml", ["run.seed=1", "run.output=out"])
+    r = recipe.load(
+        RECIPES / "cifar100" / "densenet100_plain.yaml", ["run.seed=1", "run.output=out"]
+    )
     assert r.run_dir() == Path("out/cifar100/densenet100_plain/seed1")
     r = recipe.load(RECIPES / "imagenet" / "resnext50_se.yaml", ["experiment=try"])
     assert r.run_dir() == Path("results/imagenet/try/seed0")
@@ -394,16 +472,23 @@ def test_run_dir(tmp_path):
 def test_every_module_option_of_the_registry_is_a_recipe_key():
     from mssar_cli.recalibration import RECALIBRATIONS
 
-    keys = {f.name for f in dataclasses.fields(recipe.ModelSection)}
-    for entry in RECALIBRATIONS.values():
-        assert set(entry.options) <= keys, entry.name
     assert recipe.choices("model.recalibration") == tuple(RECALIBRATIONS)
     assert set(recipe.MODULE_KEYS) == {"scales", "strategy", "reduction"}
+    # every other option of a module is set under model.options, checked against its entry
+    for name, entry in RECALIBRATIONS.items():
+        others = {k: v for k, v in entry.options.items() if k not in recipe.MODULE_KEYS}
+        raw = {"experiment": "x", "model": {"recalibration": name, "options": others}}
+        assert recipe.from_dict(raw).module_options().items() >= others.items()
 
 
 def test_protocol_and_local_keys_come_from_the_schema():
     assert recipe.local_keys() == (
-        "data.root", "data.workers", "data.download", "run.device", "run.output", "run.threads",
+        "data.root",
+        "data.workers",
+        "data.download",
+        "run.device",
+        "run.output",
+        "run.threads",
     )
     protocol = recipe.protocol_keys()
     assert {k for k in protocol if k.startswith("optim.")} == {
@@ -448,3 +533,24 @@ def test_ablate_accepts_what_train_accepts(tmp_path: Path):
 def test_module_options_that_a_module_does_not_take_name_module_and_key(tmp_path, name):
     path = write(tmp_path, f"model:\n  recalibration: {name}\n  strategy: sliding\n")
     error(path, (), "model.strategy", "applies only to recalibration mssar", f"has {name}")
+
+
+def test_model_options_set_what_a_module_takes(tmp_path: Path):
+    path = write(tmp_path, "model:\n  recalibration: ge\n  options: {extent: 4, mlp: false}\n")
+    loaded = recipe.load(path)
+    assert loaded.module_options()["extent"] == 4 and loaded.module_options()["mlp"] is False
+    for text, must in [
+        ("  options: {scales: 1}\n", ("model.options.scales", "set it as model.scales")),
+        ("  options: {extnt: 4}\n", ("model.options.extnt", "ge does not take 'extnt'")),
+        ("  options: [4]\n", ("model.options", "expected a mapping")),
+        ("  options: {extent: [4]}\n", ("model.options.extent", "expected a number")),
+        ("  scales: [1, 2]\n", ("model.scales", "applies only to recalibration mssar", "has ge")),
+    ]:
+        bad = write(tmp_path, "model:\n  recalibration: ge\n" + text, "bad.yaml")
+        error(bad, (), *must)
+
+
+def test_modules_that_gate_their_own_map_are_single_stage_in_densenets(tmp_path: Path):
+    base = "model:\n  name: densenet100\n  recalibration: cbam\n"
+    assert recipe.load(write(tmp_path, base, "ok.yaml")).model.stage is None
+    error(write(tmp_path, base + "  stage: multi\n"), (), "model.stage", "stage: single")

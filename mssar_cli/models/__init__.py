@@ -20,10 +20,17 @@ import difflib
 from dataclasses import dataclass
 
 from mssar_cli.errors import ModelError
+from mssar_cli.recalibration import get as get_recalibration
 from mssar_cli.recalibration import recalibration_factory
 
 STAGES = ("single", "multi")
 DEFAULT_STAGE = "multi"  # the paper's DenseNet recalibration (§3.4)
+
+
+def default_stage(recalibration: str) -> str:
+    """A DenseNet's recalibration stage when none is given: the paper's multi-stage, or single
+    for a module that gates only the map it is given (the registry's ``takes_source``)."""
+    return DEFAULT_STAGE if get_recalibration(recalibration).takes_source else "single"
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,11 @@ def create_model(
         from mssar_cli.models.densenet import CifarDenseNet
 
         return CifarDenseNet(
-            spec.depth, num_classes, stage or DEFAULT_STAGE, factory, in_channels=in_channels
+            spec.depth,
+            num_classes,
+            stage or default_stage(recalibration),
+            factory,
+            in_channels=in_channels,
         )
     if spec.family == "cifar-resnet":
         from mssar_cli.models.cifar_resnet import CifarResNet

@@ -39,6 +39,8 @@ class Recalibration:
         build: ``build(channels, source_channels=None, **options) -> nn.Module``; ``None`` for
             the plain network.
         internal: options the recipe does not expose (benchmark and test switches).
+        takes_source: whether it can compute its weights from another tensor than the one it
+            multiplies (the paper's multi-stage DenseNet recalibration, §3.4).
     """
 
     name: str
@@ -47,6 +49,7 @@ class Recalibration:
     options: Mapping[str, Any] = field(default_factory=dict)
     build: Callable[..., Any] | None = None
     internal: tuple[str, ...] = ()
+    takes_source: bool = True
 
 
 def _build_se(channels: int, source_channels: int | None = None, **options):
@@ -59,6 +62,18 @@ def _build_mssar(channels: int, source_channels: int | None = None, **options):
     from mssar_cli.recalibration.mssar import MSSAR
 
     return MSSAR(channels, source_channels=source_channels, **options)
+
+
+def _build_zoo(module: str, cls: str):
+    """The build function of a module that came after MS-SAR (``zoo.py``, ``gather_excite.py``)."""
+
+    def build(channels: int, source_channels: int | None = None, **options):
+        import importlib
+
+        module_class = getattr(importlib.import_module(f"mssar_cli.recalibration.{module}"), cls)
+        return module_class(channels, source_channels=source_channels, **options)
+
+    return build
 
 
 RECALIBRATIONS: dict[str, Recalibration] = {
@@ -79,6 +94,51 @@ RECALIBRATIONS: dict[str, Recalibration] = {
             {"scales": (1, 2, 4), "strategy": "regional", "reduction": FAMILY_DEFAULT},
             _build_mssar,
             internal=("implementation",),
+        ),
+        # The modules that came after MS-SAR, at SE's placement with their papers' defaults and
+        # mssar's widths (SPEC.md §7). They gate the map they are given: single-stage in DenseNets.
+        Recalibration(
+            "eca",
+            "ECA",
+            "Wang et al., ECA-Net: Efficient Channel Attention for Deep Convolutional Neural "
+            "Networks, CVPR 2020",
+            {"gamma": 2, "beta": 1, "kernel_size": None},
+            _build_zoo("zoo", "EfficientChannelAttention"),
+            takes_source=False,
+        ),
+        Recalibration(
+            "cbam",
+            "CBAM",
+            "Woo et al., CBAM: Convolutional Block Attention Module, ECCV 2018",
+            {"reduction": FAMILY_DEFAULT, "spatial_kernel_size": 7},
+            _build_zoo("zoo", "ConvolutionalBlockAttention"),
+            takes_source=False,
+        ),
+        Recalibration(
+            "ge",
+            "GE",
+            "Hu et al., Gather-Excite: Exploiting Feature Context in Convolutional Neural "
+            "Networks, NeurIPS 2018",
+            {"extent": 8, "parametric": True, "mlp": True, "reduction": FAMILY_DEFAULT},
+            _build_zoo("gather_excite", "GatherExcite"),
+            takes_source=False,
+        ),
+        Recalibration(
+            "coord",
+            "CA",
+            "Hou et al., Coordinate Attention for Efficient Mobile Network Design, CVPR 2021",
+            {"reduction": FAMILY_DEFAULT},
+            _build_zoo("zoo", "CoordinateAttention"),
+            takes_source=False,
+        ),
+        Recalibration(
+            "gc",
+            "GC",
+            "Cao et al., GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond, "
+            "ICCV Workshops 2019",
+            {"reduction": FAMILY_DEFAULT, "fusion": "add"},
+            _build_zoo("zoo", "GlobalContextBlock"),
+            takes_source=False,
         ),
     )
 }

@@ -28,8 +28,8 @@ from typing import Any
 import pandas as pd
 
 from mssar_cli.errors import MssarError
-from mssar_cli.models import DEFAULT_STAGE, MODELS
-from mssar_cli.recalibration import RECALIBRATIONS, option_names, resolve_options
+from mssar_cli.models import MODELS, default_stage
+from mssar_cli.recalibration import RECALIBRATIONS, resolve_options
 from mssar_cli.recipe import Recipe, RecipeError, load, protocol_keys
 from mssar_cli.report.protocols import is_paper_protocol, label_protocols
 from mssar_cli.report.render import NONE
@@ -127,9 +127,13 @@ def module_columns(
     columns = {
         "scales": format_scales(sorted(resolved["scales"])) if "scales" in resolved else NONE,
         "strategy": str(resolved["strategy"]) if "strategy" in resolved else NONE,
-        "stage": (stage or DEFAULT_STAGE) if spec.is_densenet and recalibrates else NONE,
+        "stage": (stage or default_stage(recalibration))
+        if spec.is_densenet and recalibrates
+        else NONE,
         "reduction": format_number(resolved["reduction"]) if "reduction" in resolved else NONE,
     }
+    if spec.is_densenet and recalibrates:
+        columns["stage"] = stage or default_stage(recalibration)
     rest = [f"{key}={_option_text(v)}" for key, v in resolved.items() if key not in columns]
     columns["options"] = ", ".join(rest)
     return columns
@@ -171,7 +175,7 @@ def _read_run(run_dir: Path, root: Path) -> dict:
     last = history.iloc[-1].to_dict() if len(history) else {}
     final = {**last, **(summary.get("final") or {})} if finished else last
     protocol = protocol_of(recipe)
-    options = {key: getattr(model, key, None) for key in option_names()}
+    options = {k: v for k, v in recipe.module_options().items() if k != "stage"}
     record = {
         "path": str(run_dir),
         "run": run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name,
