@@ -45,7 +45,7 @@ format: setup
 
 # Regenerate the README's recipe field reference from the schema (a test checks it is current).
 fields: setup
-	$(PY) -m mssar_cli.recipe README.md
+	$(PY) -m mssar_cli.recipe_reference README.md
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

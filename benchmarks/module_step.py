@@ -36,7 +36,6 @@ import argparse
 import datetime as dt
 import gc
 import os
-import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -54,9 +53,9 @@ from benchmarks.common import (
     resolve_device,
     write_markdown,
 )
+from benchmarks.module_clock import ModuleClock, sync
+from benchmarks.stats import median_ms, overhead_interval, summaries
 from mssar_cli.models import create_model
-from mssar_cli.recalibration.mssar import MSSAR
-from mssar_cli.recalibration.se import SqueezeExcitation
 
 CSV_PATH = RESULTS / "module_step.csv"
 CSV_COLUMNS = (
@@ -125,11 +124,6 @@ class Runner:
     peak_bytes: int = 0
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def build(
     model_name: str, work: Workload, variant: str, device: torch.device, compile_: bool
 ) -> Runner:
@@ -166,65 +160,6 @@ def step(
     return t1 - t0, t2 - t1, t3 - t2
 
 
-class ModuleClock:
-    """Seconds spent inside a model's recalibration modules (SE or MS-SAR) during training steps.
-
-    Forward: from each module's forward pre-hook to its forward hook. Backward: from its full
-    backward pre-hook (the gradient of its output is ready) to its full backward hook (the
-    gradients of its inputs are), which covers the module's whole backward, the rebuild of the BN
-    output it multiplies included. Unlike a difference of whole steps, this leaves out the noise
-    of the rest of the network; the hooks cost both variants alike. The module's input must
-    require a gradient (as in every benchmark network): otherwise PyTorch fires the full
-    backward hook before the module's backward, so a forward with such an input raises.
-    """
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.device = device
-        self.forward = self.backward = 0.0
-        self._started: dict[int, float] = {}
-        self._handles = []
-        for module in model.modules():
-            if isinstance(module, (SqueezeExcitation, MSSAR)):
-                self._handles += [
-                    module.register_forward_pre_hook(self._start_forward),
-                    module.register_forward_hook(self._stop_forward),
-                    module.register_full_backward_pre_hook(self._start),
-                    module.register_full_backward_hook(self._stop_backward),
-                ]
-        if not self._handles:
-            raise ValueError("the model has no recalibration module")
-
-    def _now(self) -> float:
-        sync(self.device)
-        return time.perf_counter()
-
-    def _start(self, module: nn.Module, _grad_outputs) -> None:
-        self._started[id(module)] = self._now()
-
-    def _start_forward(self, module: nn.Module, inputs) -> None:
-        if torch.is_grad_enabled() and not any(
-            torch.is_tensor(t) and t.requires_grad for t in inputs
-        ):
-            raise RuntimeError(
-                f"ModuleClock: the input of {type(module).__name__} does not require a gradient, "
-                "so its backward could not be timed"
-            )
-        self._started[id(module)] = self._now()
-
-    def _stop_forward(self, module: nn.Module, _inputs, _output) -> None:
-        self.forward += self._now() - self._started.pop(id(module))
-
-    def _stop_backward(self, module: nn.Module, _grad_inputs, _grad_outputs) -> None:
-        self.backward += self._now() - self._started.pop(id(module))
-
-    def reset(self) -> None:
-        self.forward = self.backward = 0.0
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 def module_times(
     runners: list[Runner], x: torch.Tensor, y: torch.Tensor, device: torch.device, rounds: int
 ) -> dict[str, list[tuple[float, float]]]:
@@ -244,57 +179,6 @@ def module_times(
         for clock in clocks.values():
             clock.remove()
     return times
-
-
-def ratio_interval(
-    numerator: list[float], denominator: list[float], resamples: int = 2000
-) -> tuple[float, float, float] | None:
-    """Median of the per-round ratios numerator_i / denominator_i with its 95% bootstrap interval
-    over rounds; None with fewer than 5 rounds."""
-    ratios = [n / d for n, d in zip(numerator, denominator)]
-    if len(ratios) < 5:
-        return None
-    medians = [
-        statistics.median(ratios[i] for i in pick)
-        for pick in resampled_rounds(len(ratios), resamples)
-    ]
-    return statistics.median(ratios), *percentile_interval(medians)
-
-
-def resampled_rounds(rounds: int, resamples: int):
-    """Bootstrap resamples of whole rounds, as index lists (seeded: the same in every run)."""
-    rng = random.Random(0)
-    for _ in range(resamples):
-        yield [rng.randrange(rounds) for _ in range(rounds)]
-
-
-def percentile_interval(values: list[float]) -> tuple[float, float]:
-    """The 2.5% and 97.5% points of bootstrap estimates."""
-    values = sorted(values)
-    return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
-
-
-def module_summary(times: dict[str, list[tuple[float, float]]]) -> str | None:
-    """The line on the time inside the modules, or None without both SE and MS-SAR times."""
-    if not {"se", "mssar"} <= times.keys():
-        return None
-    parts = []
-    for name, label in (("se", "SE"), ("mssar", "MS-SAR")):
-        fwd, bwd = zip(*times[name])
-        total = [f + b for f, b in times[name]]
-        parts.append(
-            f"{label} {median_ms(total):.1f} ms per step (forward {median_ms(fwd):.1f}, "
-            f"backward {median_ms(bwd):.1f})"
-        )
-    text = (
-        f"Inside the recalibration modules ({len(times['se'])} more interleaved steps, "
-        f"hooks): " + ", ".join(parts)
-    )
-    interval = ratio_interval([f + b for f, b in times["mssar"]], [f + b for f, b in times["se"]])
-    if interval is not None:
-        estimate, low, high = interval
-        text += f"; MS-SAR / SE {estimate:.2f} (95% bootstrap interval {low:.2f}-{high:.2f})"
-    return text
 
 
 def param_bytes(model: nn.Module) -> int:
@@ -349,10 +233,6 @@ def cpu_peak_bytes(runner: Runner, x: torch.Tensor, y: torch.Tensor, device: tor
         level += nbytes
         peak = max(peak, level)
     return peak
-
-
-def median_ms(values: list[float]) -> float:
-    return 1000 * statistics.median(values)
 
 
 def run_model(model_name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -438,93 +318,6 @@ def run_model(model_name: str, args: argparse.Namespace, device: torch.device) -
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
-
-
-def overhead_interval(
-    plain: list[float], se: list[float], mssar: list[float], resamples: int = 2000
-) -> tuple[float, float, float] | None:
-    """Overhead ratio from paired differences, with its 95% bootstrap interval.
-
-    A round times every variant once, back to back, so within a round the load is about the same
-    for all of them: the ratio is median(MS-SAR_i - plain_i) / median(SE_i - plain_i) over rounds
-    i, and the interval comes from resampling whole rounds. Returns (ratio, low, high), or None
-    with fewer than 5 rounds or when SE's overhead is not positive in the data or in more than 5%
-    of the resamples (a ratio to it would then mean nothing).
-    """
-    rounds = len(plain)
-    if rounds < 5:
-        return None
-    se_overhead = [s - p for s, p in zip(se, plain)]
-    mssar_overhead = [m - p for m, p in zip(mssar, plain)]
-    if statistics.median(se_overhead) <= 0:
-        return None
-    ratios = []
-    for pick in resampled_rounds(rounds, resamples):
-        s = statistics.median(se_overhead[i] for i in pick)
-        if s > 0:
-            ratios.append(statistics.median(mssar_overhead[i] for i in pick) / s)
-    if len(ratios) < 0.95 * resamples:
-        return None
-    estimate = statistics.median(mssar_overhead) / statistics.median(se_overhead)
-    return estimate, *percentile_interval(ratios)
-
-
-def overhead_summary(rows: list[dict]) -> str | None:
-    """The overhead-ratio line of a model's table, or None without plain, SE and MS-SAR rows."""
-    ratio = overhead_ratio(rows)
-    if ratio is None:
-        return None
-    interval = rows[0].get("overhead_interval")
-    text = "MS-SAR overhead / SE overhead: "
-    if interval is not None:
-        estimate, low, high = interval
-        text += (
-            f"{estimate:.2f} (median paired differences, 95% bootstrap interval "
-            f"{low:.2f}-{high:.2f}), "
-        )
-    return text + f"{ratio:.2f} (ratio of medians); goal <= 1.5"
-
-
-def summaries(rows: list[dict]) -> list[str]:
-    """The lines printed under a model's table: the overhead ratio, the time inside the modules
-    and what the hand-written backward buys."""
-    times = rows[0].get("module_times", {}) if rows else {}
-    lines = (overhead_summary(rows), module_summary(times), handwritten_summary(rows))
-    return [line for line in lines if line is not None]
-
-
-def handwritten_summary(rows: list[dict]) -> str | None:
-    """What the hand-written backward (``mssar``) buys over autograd's (``mssar-autograd``):
-    per-round ratios of whole steps and of the time inside the modules, with bootstrap intervals."""
-    totals = rows[0].get("step_totals", {}) if rows else {}
-    if not {"mssar", "mssar-autograd"} <= totals.keys():
-        return None
-    text = "Hand-written / autograd backward, whole step: "
-    interval = ratio_interval(totals["mssar"], totals["mssar-autograd"])
-    if interval is None:
-        return None
-    estimate, low, high = interval
-    text += f"{estimate:.3f} (95% bootstrap interval {low:.3f}-{high:.3f})"
-    times = rows[0].get("module_times", {})
-    if {"mssar", "mssar-autograd"} <= times.keys():
-        module = ratio_interval(
-            [f + b for f, b in times["mssar"]], [f + b for f, b in times["mssar-autograd"]]
-        )
-        fused = median_ms([f + b for f, b in times["mssar"]])
-        auto = median_ms([f + b for f, b in times["mssar-autograd"]])
-        if module is not None:
-            text += (
-                f"; inside the modules {fused:.1f} against {auto:.1f} ms per step, "
-                f"{module[0]:.3f} ({module[1]:.3f}-{module[2]:.3f})"
-            )
-    return text
-
-
-def overhead_ratio(rows: list[dict], key: str = "ratio_to_plain") -> float | None:
-    ratio = {row["variant"]: row[key] for row in rows}
-    if not {"se", "mssar"} <= ratio.keys() or ratio["se"] == 1:
-        return None
-    return (ratio["mssar"] - 1) / (ratio["se"] - 1)
 
 
 def print_table(model_name: str, rows: list[dict], header: str) -> None:

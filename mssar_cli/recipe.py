@@ -367,11 +367,11 @@ def _build_section(cls: type, values: dict, source: str, section: str):
     return cls(**kwargs)
 
 
-def _type_name(annotation) -> str:
+def type_name(annotation) -> str:
     args = typing.get_args(annotation)
     if _is_optional(annotation):
         inner = [a for a in args if a is not type(None)][0]
-        return f"{_type_name(inner)} or null"
+        return f"{type_name(inner)} or null"
     if annotation is dict:
         return "a mapping of option names to values"
     if typing.get_origin(annotation) is list:
@@ -389,7 +389,7 @@ def _is_optional(annotation) -> bool:
 
 
 def _check_value(value, annotation, meta, source: str, key: str):
-    expected = _type_name(annotation)
+    expected = type_name(annotation)
     if value is None:
         if _is_optional(annotation):
             return None
@@ -522,44 +522,3 @@ def _check_consistency(recipe: Recipe, source: str) -> None:
 def _either(names: list[str]) -> str:
     """``a, b or c``."""
     return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
-
-
-# --- the field reference ------------------------------------------------------------------------
-
-REFERENCE_START, REFERENCE_END = "<!-- recipe-fields:start -->", "<!-- recipe-fields:end -->"
-
-
-def field_reference() -> str:
-    """Every recipe field as a Markdown table (section.key, type, default, help), generated from
-    the schema so that the README cannot drift from it (``make fields`` rewrites its copy)."""
-    lines = [
-        "| key | type | default | meaning |",
-        "|---|---|---|---|",
-        "| `experiment` | a string | the file's stem | run directory name |",
-    ]
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            )
-            shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True)
-            shown = shown.strip().removesuffix("...").strip()
-            lines.append(
-                f"| `{section}.{f.name}` | {_type_name(hints[f.name])} | `{shown}` "
-                f"| {f.metadata['help'].replace('|', chr(92) + '|')} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def with_field_reference(text: str) -> str:
-    """``text`` (a Markdown document) with the block between the reference markers replaced."""
-    start, end = text.index(REFERENCE_START), text.index(REFERENCE_END)
-    return text[: start + len(REFERENCE_START)] + "\n" + field_reference() + text[end:]
-
-
-if __name__ == "__main__":  # ``python -m mssar_cli.recipe FILE.md``: rewrite FILE's reference
-    import sys
-
-    target = Path(sys.argv[1])
-    target.write_text(with_field_reference(target.read_text()))

@@ -29,3 +29,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cifar10(tmp_path: Path):
+    """``tmp_path`` with a tiny CIFAR-10 in the release's format, and the (images, labels) of its
+    training and test splits (``helpers.write_cifar10``)."""
+    from helpers import write_cifar10
+
+    return tmp_path, write_cifar10(tmp_path)

@@ -500,8 +500,10 @@ def test_protocol_and_local_keys_come_from_the_schema():
 
 def test_readme_field_reference_is_generated_from_the_schema():
     readme = (ROOT / "README.md").read_text()
-    assert recipe.REFERENCE_START in readme and recipe.REFERENCE_END in readme
-    assert recipe.with_field_reference(readme) == readme, "run `make fields` to regenerate it"
+    from mssar_cli import recipe_reference as reference
+
+    assert reference.REFERENCE_START in readme and reference.REFERENCE_END in readme
+    assert reference.with_field_reference(readme) == readme, "run `make fields` to regenerate it"
     for section, cls in recipe.SECTIONS.items():
         for f in dataclasses.fields(cls):
             assert f"`{section}.{f.name}`" in readme
