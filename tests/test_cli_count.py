@@ -213,7 +213,7 @@ def test_unknown_model(runner):
         (["--scales", "1,1"], ["distinct"]),
         (["--format", "html"], ["html", "rich", "csv", "markdown", "latex"]),
         (["--strategy", "diagonal"], ["regional", "sliding"]),
-        (["--recalibration", "cbam"], ["none", "se", "mssar"]),
+        (["--recalibration", "cbma"], ["none", "se", "mssar", "did you mean 'cbam'?"]),
         (["--recalibration", "none", "--scales", "1,2"], ["'none'", "'scales'"]),
         (["--recalibration", "se", "--scales", "1,2"], ["'se'", "'scales'", "reduction"]),
         (["--recalibration", "se", "--strategy", "sliding"], ["'se'", "'strategy'"]),

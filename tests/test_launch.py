@@ -240,6 +240,8 @@ def test_multi_gpu_run_is_one_task_per_gpu(smoke: Path, fake_slurm: Path) -> Non
             "ablate",
             "recalibration",
             "smoke.yaml",
+            "--modules",
+            "se,mssar",
             "--launcher",
             "slurm",
             "--time",

@@ -1,4 +1,4 @@
-"""Recipes: the shipped files follow the paper's protocols, and every bad input is one clear line."""
+"""Recipes: the shipped files follow the paper's protocols, and every bad input is one line."""
 
 from __future__ import annotations
 
