@@ -6,7 +6,7 @@ MSSAR   := $(VENV)/bin/mssar
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 FMNIST  := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test test-slow lint format fields bench count clean
+.PHONY: setup data demo test test-slow lint format fields bench count clean gpu-check
 
 setup: $(VENV)/.installed
 
@@ -57,3 +57,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The check for the first machine with a CUDA GPU (no setup: such a machine may have no network).
+gpu-check:
+	bash benchmarks/gpu_check.sh

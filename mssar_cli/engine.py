@@ -2,12 +2,15 @@
 
 SGD with Nesterov momentum, step learning-rate schedule per epoch, cross-entropy; bf16 autocast
 on GPU, optional channels-last and ``torch.compile``. Progress reaches the caller through
-``on_batch`` once every few batches (a device sync), so the GPU is not stalled every step.
+``on_batch`` once every few batches (a device sync), so the GPU is not stalled every step. A
+compiled model compiles in its first training batch: that batch is timed on its own and reported
+through ``on_compiled``, and left out of the epoch's images/s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -76,6 +79,7 @@ class Session:
     info: DatasetInfo
     amp_dtype: torch.dtype | None
     seed: int
+    warm: bool = False  # the model has run a training step (a compiled one has compiled)
 
 
 def per_rank_batch_size(recipe: Recipe, world_size: int = 1) -> int:
@@ -131,6 +135,7 @@ def build_session(recipe: Recipe, seed: int, device: torch.device, world: World)
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(module, device_ids=ids)
     if recipe.run.compile:
+        quiet_cpu_toolkit_notice()
         model = torch.compile(model)
     return Session(
         recipe,
@@ -146,6 +151,33 @@ def build_session(recipe: Recipe, seed: int, device: torch.device, world: World)
         resolve_precision(recipe.run.precision, device),
         seed,
     )
+
+
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." record, and only it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def quiet_cpu_toolkit_notice() -> None:
+    """Keep torch's CUDA-toolkit notice off a CPU-only run's terminal.
+
+    Inductor's C++ code generation imports ``torch.utils.cpp_extension``, which looks for a CUDA
+    toolkit (``CUDA_HOME``, else ``nvcc`` on the PATH) and, when it finds one but no GPU, logs a
+    warning that it will use it. A CPU kernel never does, so on such a machine every compiled run
+    printed that line. Only that record of that logger is dropped; where a GPU is present torch
+    does not log it at all.
+    """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNotice) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNotice())
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a clock around it is honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 BatchCallback = Callable[[int, int, float, float, float], None]  # done, total, loss, err%, img/s
@@ -177,12 +209,18 @@ def train_one_epoch(
     *,
     resume: EpochProgress | None = None,
     stop: Callable[[], bool] | None = None,
+    on_compiled: Callable[[float], None] | None = None,
 ) -> dict[str, float]:
     """One pass over the training split; returns loss and top-1 error (%) summed over ranks.
 
     ``resume`` continues a stopped pass. ``stop`` is asked after every batch (every
     ``SYNC_EVERY`` batches, agreed by all ranks, when distributed); when it answers True before
     the last batch, :class:`Stopped` is raised with the progress to save.
+
+    With ``run.compile``, the session's first training batch is where ``torch.compile`` compiles
+    the model: that batch (the same step as any other) is timed between two device syncs and its
+    seconds go to ``on_compiled``; the images/s (``on_batch``'s and the returned one) count from
+    the end of that batch, while ``epoch_seconds`` stays the epoch's wall time.
     """
     s.model.train()
     first = resume.batches if resume else 0
@@ -191,10 +229,15 @@ def train_one_epoch(
     if resume and s.world.is_main:  # the saved sums are over all ranks: count them once
         totals += torch.tensor(resume.totals, dtype=torch.float64, device=s.device)
     earlier = resume.seconds if resume else 0.0
-    seen_before = float(totals[2])
     start = time.perf_counter()
+    # images/s from here: moved past the compiling batch, if this epoch has it
+    rate_start, seen_before, warm_images = start, float(totals[2]), 0.0
     num_batches = len(s.train_loader)
     for index, (images, labels) in enumerate(s.train_loader, start=first):
+        compiling = s.recipe.run.compile and not s.warm
+        if compiling:
+            synchronize(s.device)
+            compile_start = time.perf_counter()
         if s.recipe.run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(s.device, s.amp_dtype):
@@ -212,6 +255,14 @@ def train_one_epoch(
                 ]
             )
             totals += batch
+        s.warm = True
+        if compiling:
+            synchronize(s.device)
+            rate_start = time.perf_counter()
+            if on_compiled:
+                on_compiled(rate_start - compile_start)
+            seen_before = float(totals[2])
+            warm_images = labels.numel() * s.world.world_size
         done = index + 1
         synced = done % SYNC_EVERY == 0 or done == num_batches
         if synced:
@@ -222,13 +273,14 @@ def train_one_epoch(
                     "stopped, the last good checkpoint is kept (lower optim.lr?)"
                 )
             if on_batch:
-                elapsed = time.perf_counter() - start
+                elapsed = time.perf_counter() - rate_start
+                trained = (seen - seen_before) * s.world.world_size
                 on_batch(
                     done,
                     num_batches,
                     loss_sum / seen,
                     100 * errors / seen,
-                    (seen - seen_before) * s.world.world_size / elapsed,
+                    trained / elapsed if trained else 0.0,
                 )
         if stop is not None and done < num_batches and _stop_agreed(stop, synced, s):
             progress = totals.clone()
@@ -242,12 +294,16 @@ def train_one_epoch(
             f"the training loss became {loss_sum} in epoch {epoch + 1}; stopped, the last good "
             "checkpoint is kept"
         )
-    seconds = earlier + time.perf_counter() - start
+    end = time.perf_counter()
+    seconds = earlier + end - start
+    images_per_s = seen / seconds
+    if warm_images and seen > warm_images:  # the compiling batch left out
+        images_per_s = (seen - warm_images) / (seconds - (rate_start - start))
     return {
         "train_loss": loss_sum / seen,
         "train_err": 100 * errors / seen,
         "epoch_seconds": seconds,
-        "images_per_s": seen / seconds,
+        "images_per_s": images_per_s,
     }
 
 

@@ -298,7 +298,7 @@ class _FusedGate(torch.autograd.Function):
     def backward(ctx, grad):
         x, regions, active, *saved = ctx.saved_tensors
         layout, stack = ctx.layout, ctx.stack
-        hidden = saved[: len(stack.bns)]
+        hidden, params = saved[: len(stack.bns)], saved[len(stack.bns) :]
         grad = grad.contiguous()
         weights = _weights(stack, active)
         source_needs = ctx.needs_input_grad[0 if ctx.own else 1]
@@ -331,5 +331,23 @@ class _FusedGate(torch.autograd.Function):
             grad_source,
             None,
             None,
-            *(g if needed else None for g, needed in zip(param_grads, param_needs)),
+            *(
+                _in_layout(g, p) if needed else None
+                for g, p, needed in zip(param_grads, params, param_needs)
+            ),
         )
+
+
+def _in_layout(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` with ``param``'s strides.
+
+    Ω2's gradient is a column block of a transposed product: strided, and for D' = 1 a (D, 1)
+    tensor with strides (1, D). Autograd keeps a gradient whose strides differ from its
+    parameter's only on a size-1 dimension, and DDP, which compares them all, then warns "Grad
+    strides do not match bucket view strides" and copies it into its bucket through mismatched
+    views on every step; a gradient strided otherwise autograd copies anyway. Written in the
+    parameter's own layout here, it is kept as it is.
+    """
+    if grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param, dtype=grad.dtype).copy_(grad)

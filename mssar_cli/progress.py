@@ -39,7 +39,8 @@ class PlainReporter:
         self.console.print(
             f"{session.recipe.experiment} seed {session.seed}: {session.recipe.model.name} "
             f"({session.recipe.model.recalibration}) on {info.name} "
-            f"({session.train_loader.num_samples * session.world.world_size} train / {info.test_size} test images), "
+            f"({session.train_loader.num_samples * session.world.world_size} train / "
+            f"{info.test_size} test images), "
             f"{session.device}{resumed} -> {run_dir}",
             markup=False,
             highlight=False,
@@ -48,6 +49,15 @@ class PlainReporter:
     def batch(self, epoch, done, total, loss, err, images_per_s) -> None:
         pass
 
+    def compiled(self, seconds: float) -> None:
+        """The first training batch of a compiled model, which is where it compiles: its own
+        line, since its seconds are left out of the epoch's images/s."""
+        self.console.print(
+            f"compiling the model (first training batch): {seconds:.1f} s",
+            markup=False,
+            highlight=False,
+        )
+
     def epoch(self, row: dict) -> None:
         self.console.print(epoch_line(row, self.epochs), markup=False, highlight=False)
 
@@ -55,7 +65,8 @@ class PlainReporter:
         final = summary["final"]
         top5 = f", top-5 {final['test_top5_err']:.2f}%" if "test_top5_err" in final else ""
         self.console.print(
-            f"finished: final test error {final['test_err']:.2f}%{top5} after {summary['epochs']} epochs "
+            f"finished: final test error {final['test_err']:.2f}%{top5} after "
+            f"{summary['epochs']} epochs "
             f"({summary['total_epoch_seconds']:.0f} s of training)",
             markup=False,
             highlight=False,
@@ -74,7 +85,10 @@ class RichReporter(PlainReporter):
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  err {task.fields[err]:5.2f}%  {task.fields[ips]:.0f} img/s"),
+            TextColumn(
+                "loss {task.fields[loss]:.4f}  err {task.fields[err]:5.2f}%  "
+                "{task.fields[ips]:.0f} img/s"
+            ),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console,

@@ -159,7 +159,14 @@ def _run_epochs(recipe: Recipe, session: Session, run_dir: Path, resume: bool, r
             on_batch = (lambda *a, e=epoch: reporter.batch(e, *a)) if reporter else None
             row = {"epoch": epoch + 1, "lr": lr}
             try:
-                row |= train_one_epoch(session, epoch, on_batch, resume=resume_at, stop=stop)
+                row |= train_one_epoch(
+                    session,
+                    epoch,
+                    on_batch,
+                    resume=resume_at,
+                    stop=stop,
+                    on_compiled=getattr(reporter, "compiled", None),
+                )
             except Stopped as stopped:
                 _stop(session, run_dir, history, stopped.progress, received, saved=False)
             session.scheduler.step()

@@ -37,9 +37,12 @@ EXPECTED = (
         for v in ("plain", "se", "mssar")
     }
     | {f"fashion_mnist/cpu_short/resnet20_{v}.yaml" for v in ("plain", "se", "mssar")}
+    | {f"fashion_mnist/gpu_short/resnet20_{v}.yaml" for v in ("plain", "se", "mssar")}
     | {"quickstart.yaml", "smoke.yaml"}
 )
 CPU_SHORT = RECIPES / "fashion_mnist" / "cpu_short"
+GPU_SHORT = RECIPES / "fashion_mnist" / "gpu_short"
+SHORTENED = (CPU_SHORT, GPU_SHORT)
 RECALIBRATION_OF_SUFFIX = {"plain": "none", "se": "se", "mssar": "mssar"}
 
 
@@ -67,9 +70,9 @@ def test_shipped_recipe_loads_and_names_a_model(path: Path):
     assert r.source == str(path)
     assert r.model.name in list_models()
     raw = yaml.safe_load(path.read_text())
-    if path.parent == CPU_SHORT:  # named apart from the full-protocol runs of the same network
+    if path.parent in SHORTENED:  # named apart from the full-protocol runs of the same network
         net, suffix = path.stem.rsplit("_", 1)
-        assert r.experiment == raw["experiment"] == f"{net}_cpu_short_{suffix}"
+        assert r.experiment == raw["experiment"] == f"{net}_{path.parent.name}_{suffix}"
     else:
         assert r.experiment == path.stem  # the key is omitted: the name is the file stem
         assert "experiment" not in raw
@@ -105,8 +108,34 @@ def test_cpu_short_recipe_is_the_shortened_cifar_protocol(path: Path):
     assert "SHORTENED" in head and "not comparable" in head
 
 
+@pytest.mark.parametrize("path", sorted(GPU_SHORT.glob("*.yaml")), ids=rel)
+def test_gpu_short_recipe_is_the_shortened_cifar_protocol_on_all_images(path: Path):
+    """The grid of `make gpu-check`: the CIFAR ResNet recipe on the whole of Fashion-MNIST,
+    8 epochs with the lr steps at the same fractions (1/2, 3/4) as 80/120 of 160, compiled."""
+    r = shipped(path)
+    o, d, m = r.optim, r.data, r.model
+    assert (m.name, m.recalibration) == (
+        "resnet20",
+        RECALIBRATION_OF_SUFFIX[path.stem.rsplit("_", 1)[1]],
+    )
+    assert (d.dataset, d.subset, d.test_subset, d.batch_size, d.augment) == (
+        "fashion-mnist",
+        None,
+        None,
+        128,
+        True,
+    )
+    assert (o.lr, o.momentum, o.nesterov, o.weight_decay, o.gamma) == (0.1, 0.9, True, 1e-4, 0.1)
+    assert (o.epochs, o.milestones) == (8, [4, 6])
+    assert (r.run.compile, r.run.channels_last, r.run.precision) == (True, True, "auto")
+    if m.recalibration != "none":
+        assert m.reduction == 3
+    head = path.read_text()
+    assert "SHORTENED" in head and "not comparable" in head
+
+
 @pytest.mark.parametrize(
-    "path", [p for p in SHIPPED if p.parent not in (RECIPES, CPU_SHORT)], ids=rel
+    "path", [p for p in SHIPPED if p.parent not in (RECIPES, *SHORTENED)], ids=rel
 )
 def test_paper_recipe_follows_its_protocol(path: Path):
     r = shipped(path)

@@ -57,6 +57,7 @@ def recalibrate_bn_output(
     """
     if not (
         torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()  # inductor decides itself what backward keeps
         and bn.training
         and type(bn) is nn.BatchNorm2d
         and bn.affine
