@@ -27,6 +27,7 @@ data:
 demo: setup data
 	$(MSSAR) count --paper
 	$(MSSAR) train recipes/quickstart.yaml
+	$(MSSAR) show results/fashion_mnist/quickstart/seed0
 
 count: setup
 	$(MSSAR) count --paper

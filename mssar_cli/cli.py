@@ -238,6 +238,65 @@ def eval_(
 
 @app.command()
 @user_errors
+def show(
+    path: Annotated[str, typer.Argument(help="A run directory or a checkpoint.pt.")],
+    images: Annotated[int, typer.Option(help="Test images to draw (the first of the split).")] = 8,
+    output: Annotated[
+        str | None, typer.Option(help="Folder for the PNGs and CSV (default: RUN_DIR/show).")
+    ] = None,
+    block: Annotated[
+        int, typer.Option(help="Which block of each stage to draw (0 = first, -1 = last).")
+    ] = -1,
+    channels: Annotated[
+        int, typer.Option(help="Channels to draw beside the means: those varying most.")
+    ] = 3,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Another checkpoint of the run directory's network.")
+    ] = None,
+    set_: SetOption = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto | cpu | cuda | cuda:N (default: the recipe's).")
+    ] = None,
+) -> None:
+    """Pictures of what the gates learned: per stage, each scale's weights on test images."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from mssar_cli.show import show as draw
+
+    result = draw(
+        Path(path),
+        output=None if output is None else Path(output),
+        images=images,
+        block=block,
+        channels=channels,
+        checkpoint=None if checkpoint is None else Path(checkpoint),
+        overrides=set_ or [],
+        device=device,
+    )
+    if result.note:
+        console.print(f"{result.title}: {result.note}", markup=False, highlight=False)
+        return
+    labels = list(result.stages[0].asymmetry())
+    table = Table(title=f"{result.title}\nspatial asymmetry: std of a weight over positions")
+    for column in ("stage", "map", "blocks", *labels):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for stage in result.stages:
+        values = stage.asymmetry()
+        table.add_row(
+            str(stage.index),
+            f"{stage.size[0]}x{stage.size[1]}",
+            str(len(stage.modules)),
+            *(f"{values[label]:.4f}" for label in labels),
+        )
+    console.print(table)
+    for file in result.files:
+        console.print(f"wrote {file}", markup=False, highlight=False)
+
+
+@app.command()
+@user_errors
 def ablate(
     kind: Annotated[str, typer.Argument(help="scales | strategy | stage | recalibration | grid")],
     recipe: Annotated[str, typer.Argument(help="The base recipe.")],

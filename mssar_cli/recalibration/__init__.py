@@ -41,6 +41,8 @@ class Recalibration:
         internal: options the recipe does not expose (benchmark and test switches).
         takes_source: whether it can compute its weights from another tensor than the one it
             multiplies (the paper's multi-stage DenseNet recalibration, §3.4).
+        spatial: whether its gate differs between positions (what ``mssar show`` draws); SE,
+            ECA and GC gate (or shift) every position of a channel alike.
     """
 
     name: str
@@ -50,6 +52,7 @@ class Recalibration:
     build: Callable[..., Any] | None = None
     internal: tuple[str, ...] = ()
     takes_source: bool = True
+    spatial: bool = False
 
 
 def _build_se(channels: int, source_channels: int | None = None, **options):
@@ -94,6 +97,7 @@ RECALIBRATIONS: dict[str, Recalibration] = {
             {"scales": (1, 2, 4), "strategy": "regional", "reduction": FAMILY_DEFAULT},
             _build_mssar,
             internal=("implementation",),
+            spatial=True,
         ),
         # The modules that came after MS-SAR, at SE's placement with their papers' defaults and
         # mssar's widths (SPEC.md §7). They gate the map they are given: single-stage in DenseNets.
@@ -113,6 +117,7 @@ RECALIBRATIONS: dict[str, Recalibration] = {
             {"reduction": FAMILY_DEFAULT, "spatial_kernel_size": 7},
             _build_zoo("zoo", "ConvolutionalBlockAttention"),
             takes_source=False,
+            spatial=True,
         ),
         Recalibration(
             "ge",
@@ -122,6 +127,7 @@ RECALIBRATIONS: dict[str, Recalibration] = {
             {"extent": 8, "parametric": True, "mlp": True, "reduction": FAMILY_DEFAULT},
             _build_zoo("gather_excite", "GatherExcite"),
             takes_source=False,
+            spatial=True,
         ),
         Recalibration(
             "coord",
@@ -130,6 +136,7 @@ RECALIBRATIONS: dict[str, Recalibration] = {
             {"reduction": FAMILY_DEFAULT},
             _build_zoo("zoo", "CoordinateAttention"),
             takes_source=False,
+            spatial=True,
         ),
         Recalibration(
             "gc",

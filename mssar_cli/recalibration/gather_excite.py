@@ -55,14 +55,18 @@ class GatherExciteOperator(nn.Module):
         e = self.extent  # windows of 2e - 1, the receptive field of the parametric gather's stack
         return F.avg_pool2d(x, 2 * e - 1, e, e - 1, count_include_pad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """σ(interp(mlp(ξ_G(x)))): (N, C, H, W), or (N, C, 1, 1) for the global extent."""
         context = self.gathered(x)
         if self.mlp is not None:
             context = self.mlp(context)
         size = x.shape[-2:]
         if context.shape[-2:] != (1, 1) and context.shape[-2:] != size:
             context = F.interpolate(context, size=size, mode="nearest")
-        return x * torch.sigmoid(context)
+        return torch.sigmoid(context)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
 
 
 class GatherExcite(ZooModule):
@@ -112,3 +116,7 @@ class GatherExcite(ZooModule):
         self.extent = extent
         self.hidden_channels = self.hidden_width(reduction) if mlp else None
         return GatherExciteOperator(self.channels, extent, parametric, self.hidden_channels)
+
+    def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The excite gate at every position, (N, C, H, W) (constant for ``extent="global"``)."""
+        return self.body.gate(x).expand_as(x)

@@ -358,8 +358,13 @@ class MSSAR(nn.Module):
 
     def direct_weights(self, source: torch.Tensor) -> torch.Tensor:
         """Z of Eq. 2 computed the direct way: a full-size weight map per scale, then the mean."""
+        return sum(self.scale_weights(source)) / len(self.scales)
+
+    def scale_weights(self, source: torch.Tensor) -> list[torch.Tensor]:
+        """Each scale's weight map Z_K of Eq. 1 at full size, (N, D, H, W) per scale in the
+        order of :attr:`scales`: what ``mssar show`` draws. Their mean is Z of Eq. 2."""
         n, _, height, width = source.shape
-        total = torch.zeros((), dtype=source.dtype, device=source.device)
+        weights = []
         for k, branch in zip(self.scales, self.branches):
             pooled = self._direct_pool(source, k)
             hidden = F.conv2d(pooled, branch.reduce.weight[:, :, None, None])
@@ -371,8 +376,8 @@ class MSSAR(nn.Module):
                 rows = torch.diff(torch.tensor(region_bounds(height, k), device=source.device))
                 cols = torch.diff(torch.tensor(region_bounds(width, k), device=source.device))
                 z = z.repeat_interleave(rows, dim=2).repeat_interleave(cols, dim=3)
-            total = total + z.expand(n, -1, height, width)
-        return total / len(self.scales)
+            weights.append(z.expand(n, -1, height, width))
+        return weights
 
     def _direct_pool(self, source: torch.Tensor, k: int) -> torch.Tensor:
         height, width = source.shape[2:]

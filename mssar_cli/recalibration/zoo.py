@@ -104,6 +104,11 @@ class ZooModule(nn.Module):
             )
         return self.body(x)
 
+    def spatial_gate(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The module's gate at every position of ``x`` for ``mssar show``: (N, C, H, W) or
+        (N, 1, H, W), or None for a module whose gate is the same at every position."""
+        return None
+
     # --- option checks ------------------------------------------------------------------------
 
     def odd_kernel(self, option: str, value) -> int:
@@ -191,6 +196,14 @@ class ConvolutionalBlockAttention(ZooModule):
             mlp_bias=True,
         )
 
+    def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial attention map M_s of Eq. 3, (N, 1, H, W), on the channel-refined map
+        (timm's ``SpatialAttn.forward`` without its final multiplication)."""
+        refined = self.body.channel(x)
+        spatial = self.body.spatial
+        pooled = torch.cat([refined.mean(1, keepdim=True), refined.amax(1, keepdim=True)], 1)
+        return spatial.gate(spatial.conv(pooled))
+
 
 class CoordinateAttention(ZooModule):
     """Coordinate Attention (Hou et al., "Coordinate Attention for Efficient Mobile Network
@@ -214,6 +227,14 @@ class CoordinateAttention(ZooModule):
         )
         body.conv1.register_parameter("bias", None)  # BN follows it: a bias would be cancelled
         return body
+
+    def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """g^h · g^w of Eq. 7, (N, C, H, W) (timm's ``CoordAttn.forward`` up to the product)."""
+        body, height = self.body, x.shape[2]
+        pooled = torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], 2)
+        shared = body.act(body.bn1(body.conv1(pooled)))
+        rows, cols = torch.split(shared, [height, x.shape[3]], dim=2)
+        return body.gate(body.conv_h(rows)) * body.gate(body.conv_w(cols.transpose(2, 3)))
 
 
 class GlobalContextBlock(ZooModule):
