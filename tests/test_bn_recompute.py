@@ -183,3 +183,30 @@ def test_parameters_changed_between_forward_and_backward_are_refused():
             p.sub_(0.1 * p.grad)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize(
+    "name, rebuilt",
+    [("cbam", False), ("se", True), ("mssar", True), ("eca", True), ("ge", True), ("coord", True)],
+)
+def test_a_module_whose_backward_compares_values_gets_the_bn_output_itself(
+    name, rebuilt, monkeypatch
+):
+    """CBAM's max poolings send the gradient to the positions equal to the saved maximum. A rebuilt
+    BN output differs from the original by rounding, matches none, and amax's backward divides by
+    zero: NaN gradients from the second step of ResNet-20 + CBAM on Fashion-MNIST (2026-12-03).
+    Its blocks keep the BN output; the others rebuild it. The rebuild is exaggerated here (+1e-3)
+    so that any use of it shows."""
+    calls = []
+    exact = bn_recompute._Rebuild.tensor
+
+    def rebuilt_off_by_rounding(self):
+        calls.append(1)
+        return exact(self) + 1e-3
+
+    monkeypatch.setattr(bn_recompute._Rebuild, "tensor", rebuilt_off_by_rounding)
+    torch.manual_seed(0)
+    model = create_model("resnet20", recalibration=name).train()
+    model(torch.randn(4, 3, 32, 32)).square().sum().backward()
+    assert bool(calls) == rebuilt
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -53,7 +53,9 @@ def recalibrate_bn_output(
 
     Falls back to the plain composition where the recipe does not apply: no autograd, BN in
     evaluation mode, a BN subclass (SyncBatchNorm) or one without affine parameters or running
-    statistics.
+    statistics, or a module whose backward needs its input bitwise (``needs_exact_input``: a max
+    pooling's backward finds the maximum by comparing the saved input with it, and a rebuilt input
+    that differs by rounding matches no position, so amax's backward divides by zero).
     """
     if not (
         torch.is_grad_enabled()
@@ -63,6 +65,7 @@ def recalibrate_bn_output(
         and bn.affine
         and bn.track_running_stats
         and pre.dim() == 4
+        and not getattr(recalibration, "needs_exact_input", False)
     ):
         return recalibration(bn(pre))
     out, mean, invstd = batch_norm_with_statistics(bn, pre)

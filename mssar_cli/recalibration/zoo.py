@@ -51,6 +51,10 @@ class ZooModule(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    # Whether its backward needs the map it is given bitwise (max pooling compares the saved input
+    # with its maximum): the residual blocks then keep the BN output instead of rebuilding it
+    # (:mod:`mssar_cli.models.bn_recompute`).
+    needs_exact_input: ClassVar[bool] = False
 
     def __init__(self, channels: int, source_channels: int | None = None, **options) -> None:
         super().__init__()
@@ -185,6 +189,7 @@ class ConvolutionalBlockAttention(ZooModule):
     """
 
     name = "cbam"
+    needs_exact_input = True  # its channel and spatial max poolings
 
     def build(self, *, reduction: float = 16, spatial_kernel_size: int = 7):
         self.hidden_channels = self.hidden_width(reduction)
