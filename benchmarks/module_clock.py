@@ -1,5 +1,6 @@
-"""Time inside a model's recalibration modules (SE or MS-SAR) during training steps, from module
-hooks: :class:`ModuleClock`, used by the module-step benchmark (benchmarks/module_step.py)."""
+"""Time inside a model's recalibration modules (SE, MS-SAR or one of the zoo's) during training
+steps, from module hooks: :class:`ModuleClock`, used by the module-step benchmark
+(benchmarks/module_step.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from torch import nn
 
 from mssar_cli.recalibration.mssar import MSSAR
 from mssar_cli.recalibration.se import SqueezeExcitation
+from mssar_cli.recalibration.zoo import ZooModule
+
+# the classes every registered module is an instance of (ZooModule: ECA, CBAM, GE, CA, GC)
+MODULE_CLASSES = (SqueezeExcitation, MSSAR, ZooModule)
 
 
 def sync(device: torch.device) -> None:
@@ -18,13 +23,14 @@ def sync(device: torch.device) -> None:
 
 
 class ModuleClock:
-    """Seconds spent inside a model's recalibration modules (SE or MS-SAR) during training steps.
+    """Seconds spent inside a model's recalibration modules (:data:`MODULE_CLASSES`) during
+    training steps.
 
     Forward: from each module's forward pre-hook to its forward hook. Backward: from its full
     backward pre-hook (the gradient of its output is ready) to its full backward hook (the
     gradients of its inputs are), which covers the module's whole backward, the rebuild of the BN
     output it multiplies included. Unlike a difference of whole steps, this leaves out the noise
-    of the rest of the network; the hooks cost both variants alike. The module's input must
+    of the rest of the network; the hooks cost every variant alike. The module's input must
     require a gradient (as in every benchmark network): otherwise PyTorch fires the full
     backward hook before the module's backward, so a forward with such an input raises.
     """
@@ -35,7 +41,7 @@ class ModuleClock:
         self._started: dict[int, float] = {}
         self._handles = []
         for module in model.modules():
-            if isinstance(module, (SqueezeExcitation, MSSAR)):
+            if isinstance(module, MODULE_CLASSES):
                 self._handles += [
                     module.register_forward_pre_hook(self._start_forward),
                     module.register_forward_hook(self._stop_forward),

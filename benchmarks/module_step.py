@@ -1,27 +1,31 @@
-"""Training-step time and memory of plain / SE / MS-SAR (fast) / MS-SAR (direct) networks.
+"""Training-step time and memory of networks with each recalibration module, and without one.
 
-    .venv/bin/python python -m benchmarks.module_step [--quick] [--device auto|cpu|cuda] [--compile]
-        [--models resnet56,resnet18] [--csv PATH | --no-csv] [--markdown PATH]
+    .venv/bin/python -m benchmarks.module_step [--quick] [--device auto|cpu|cuda] [--compile]
+        [--models resnet56,resnet18] [--variants plain,se,mssar,...] [--csv PATH | --no-csv]
+        [--markdown PATH] [--no-module-clock]
 
 For each model (ResNet-56 on 32x32, batch 128; ResNet-18 on 224x224, batch 64) it builds the
-four variants with ``create_model(name, num_classes, recalibration=..., implementation=...)`` and
-times full SGD training steps, split into forward (the loss computation), backward
+variants (:mod:`benchmarks.step_variants`: ``plain``, every registered module by its registry
+name, ``mssar-direct`` and ``mssar-autograd``; by default plain, se, mssar, mssar-direct and
+mssar-autograd) with ``create_model(name, num_classes, recalibration=..., implementation=...)``
+and times full SGD training steps, split into forward (the loss computation), backward
 (``loss.backward()``) and optimizer step (``optimizer.step()`` + ``zero_grad``). After warm-up
 steps, the repeats are interleaved round-robin across the variants in one process (v1, v2, v3,
 v4, v1, v2, ...) so that load from other processes hits every variant alike; the table reports
-medians and ratios to the plain network, and the *overhead ratio* (MS-SAR's step overhead over
-plain divided by SE's).
+medians and ratios to the plain network, and, with plain, SE and MS-SAR among the variants, the
+*overhead ratio* (MS-SAR's step overhead over plain divided by SE's).
 
-Time inside the modules: after the timed repeats, as many more interleaved steps of SE and
-MS-SAR run with :class:`ModuleClock` hooks on every recalibration module, which time each
-module's forward and backward within the step; their ratio (MS-SAR / SE, per round, median and
-bootstrap interval) leaves out the noise of the rest of the network that the whole-step
-differences carry. Not with ``--compile`` (hooks would split the compiled graph).
+Time inside the modules: when SE and another module are among the variants, after the timed
+repeats as many more interleaved steps of the variants with a module (but ``mssar-direct``) run
+with :class:`ModuleClock` hooks on every recalibration module, which time each module's forward
+and backward within the step; the ratios to SE (per round, median and bootstrap interval) leave
+out the noise of the rest of the network that the whole-step differences carry. Not with
+``--compile`` (hooks would split the compiled graph) nor ``--no-module-clock``.
 
-Peak memory: on CUDA, the peak of ``torch.cuda.max_memory_allocated`` during one training step
-of the variant (the other variants' resident parameters are subtracted, its own added). On CPU,
-the peak of the allocator's running total during one training step, from ``torch.profiler``'s
-memory records (:func:`cpu_peak_bytes`), plus the parameter and optimizer-state bytes.
+Peak memory (:mod:`benchmarks.step_memory`): on CUDA, the peak of
+``torch.cuda.max_memory_allocated`` during one training step of the variant; on CPU, the peak of
+the allocator's running total during one training step, from ``torch.profiler``'s memory
+records; both plus the variant's parameter and optimizer-state bytes.
 
 Rows are appended to ``results/bench/module_step.csv`` (``--csv``), with the machine, torch
 version, device, threads and precision; ``--markdown PATH`` also writes the summary tables as
@@ -55,6 +59,15 @@ from benchmarks.common import (
 )
 from benchmarks.module_clock import ModuleClock, sync
 from benchmarks.stats import median_ms, overhead_interval, summaries
+from benchmarks.step_memory import measure_memory
+from benchmarks.step_variants import (
+    DEFAULT_VARIANTS,
+    VARIANTS,
+    clocked,
+    known_variants,
+    module_label,
+    parse_variants,
+)
 from mssar_cli.models import create_model
 
 CSV_PATH = RESULTS / "module_step.csv"
@@ -79,15 +92,6 @@ CSV_COLUMNS = (
     "warmup",
     "repeats",
 )
-
-# name -> create_model keyword arguments
-VARIANTS: dict[str, dict] = {
-    "plain": {"recalibration": "none"},
-    "se": {"recalibration": "se"},
-    "mssar": {"recalibration": "mssar"},
-    "mssar-direct": {"recalibration": "mssar", "implementation": "direct"},
-    "mssar-autograd": {"recalibration": "mssar", "implementation": "autograd"},
-}
 
 
 @dataclass(frozen=True)
@@ -163,9 +167,11 @@ def step(
 def module_times(
     runners: list[Runner], x: torch.Tensor, y: torch.Tensor, device: torch.device, rounds: int
 ) -> dict[str, list[tuple[float, float]]]:
-    """(forward, backward) seconds per step inside the recalibration modules of the SE and
-    MS-SAR runners, over ``rounds`` more interleaved steps with :class:`ModuleClock` attached."""
-    runners = [r for r in runners if r.name in ("se", "mssar", "mssar-autograd")]
+    """(forward, backward) seconds per step inside the recalibration modules of the runners
+    :func:`~benchmarks.step_variants.clocked` picks, over ``rounds`` more interleaved steps with
+    :class:`ModuleClock` attached (none when it picks none)."""
+    names = clocked([r.name for r in runners])
+    runners = [r for r in runners if r.name in names]
     clocks = {r.name: ModuleClock(r.model, device) for r in runners}
     times: dict[str, list[tuple[float, float]]] = {r.name: [] for r in runners}
     try:
@@ -179,60 +185,6 @@ def module_times(
         for clock in clocks.values():
             clock.remove()
     return times
-
-
-def param_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def measure_memory(runner: Runner, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
-    """Peak training memory of one step, in bytes (see the module docstring)."""
-    model = runner.model
-    gc.collect()
-    if device.type == "cuda":
-        runner.optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        before = torch.cuda.memory_allocated(device)  # every resident model, grads freed
-        torch.cuda.reset_peak_memory_stats(device)
-        step(runner, x, y, device)
-        # this step's transient memory (activations, grads, temporaries) + its own parameters
-        # and optimizer state, which were already in `before`
-        state = optimizer_state_bytes(runner)
-        return torch.cuda.max_memory_allocated(device) - before + param_bytes(model) + state
-    return cpu_peak_bytes(runner, x, y, device) + param_bytes(model) + optimizer_state_bytes(runner)
-
-
-def optimizer_state_bytes(runner: Runner) -> int:
-    return sum(
-        t.numel() * t.element_size()
-        for s in runner.optimizer.state.values()
-        for t in s.values()
-        if torch.is_tensor(t)
-    )
-
-
-def cpu_peak_bytes(runner: Runner, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
-    """Peak bytes allocated above the level at the start of one training step, on CPU.
-
-    From the allocator's own records: ``torch.profiler`` with ``profile_memory=True`` logs every
-    CPU allocation and free (``[memory]`` events, signed sizes); their running sum in time order
-    is the memory the step holds beyond what existed before it (parameters, optimizer state).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    runner.optimizer.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(runner, x, y, device)
-    records = sorted(
-        (event.start_ns(), event.nbytes())
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]"
-    )
-    level = peak = 0
-    for _, nbytes in records:
-        level += nbytes
-        peak = max(peak, level)
-    return peak
 
 
 def run_model(model_name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -261,7 +213,9 @@ def run_model(model_name: str, args: argparse.Namespace, device: torch.device) -
         for _ in range(warmup):
             step(runner, x, y, device)
     for runner in runners:
-        runner.peak_bytes = measure_memory(runner, x, y, device)
+        runner.peak_bytes = measure_memory(
+            runner.model, runner.optimizer, lambda r=runner: step(r, x, y, device), device
+        )
     for i in range(repeats):  # round-robin: v1, v2, v3, v4, v1, v2, ...
         for runner in runners:
             f, b, o = step(runner, x, y, device)
@@ -278,7 +232,7 @@ def run_model(model_name: str, args: argparse.Namespace, device: torch.device) -
 
     by_name = {r.name: r for r in runners}
     times = {}
-    if {"se", "mssar"} <= by_name.keys() and not args.compile:  # hooks would split the graph
+    if not (args.compile or args.no_module_clock):  # hooks would split the compiled graph
         times = module_times(runners, x, y, device, repeats)
     base = by_name.get("plain")
     rows = []
@@ -423,8 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--variants",
-        default=",".join(VARIANTS),
-        help=f"comma-separated subset of {','.join(VARIANTS)}",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated, in the order timed within a round, from: {known_variants()} "
+        f"(default {','.join(DEFAULT_VARIANTS)})",
     )
     parser.add_argument(
         "--repeats", type=int, help="timed steps per variant (overrides the default)"
@@ -444,15 +399,20 @@ def main(argv: list[str] | None = None) -> None:
         "--markdown", type=Path, help="also write the summary tables to this Markdown file"
     )
     parser.add_argument("--quiet", action="store_true", help="no per-repeat lines")
+    parser.add_argument(
+        "--no-module-clock",
+        action="store_true",
+        help="skip the extra steps that time the inside of the modules (nearly half the run time)",
+    )
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for m in args.models:
         if m not in WORKLOADS:
             parser.error(f"unknown model {m!r}; choose from {', '.join(WORKLOADS)}")
-    for v in args.variants:
-        if v not in VARIANTS:
-            parser.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    try:
+        args.variants = parse_variants(args.variants)
+    except ValueError as error:
+        parser.error(str(error))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
 
@@ -482,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         + (" [--quick: smoke settings, not a measurement]" if args.quick else "")
     )
     print(header, flush=True)
-    sections = [f"# Training step: plain / SE / MS-SAR\n\n{common['date']}: {header}"]
+    title = " / ".join(dict.fromkeys(module_label(v) for v in args.variants))
+    sections = [f"# Training step: {title}\n\n{common['date']}: {header}"]
     for model_name in args.models:
         rows = run_model(model_name, args, device)
         print_table(model_name, rows, header)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 import statistics
 
+from benchmarks.step_variants import label as variant_label
+
 
 def median_ms(values: list[float]) -> float:
     return 1000 * statistics.median(values)
@@ -66,6 +68,34 @@ def module_summary(times: dict[str, list[tuple[float, float]]]) -> str | None:
     return text
 
 
+def others_summary(times: dict[str, list[tuple[float, float]]]) -> str | None:
+    """The line on the time inside the modules other than SE and MS-SAR (module_summary's), each
+    with the median of its per-round ratios to SE's; None without SE's times and another's.
+    ``mssar-autograd`` is left to handwritten_summary when ``mssar`` is there."""
+    others = [
+        name
+        for name in times
+        if name not in ("se", "mssar") and not (name == "mssar-autograd" and "mssar" in times)
+    ]
+    if "se" not in times or not others:
+        return None
+    se = [f + b for f, b in times["se"]]
+    parts = [f"SE {median_ms(se):.1f} ms"]
+    for name in others:
+        total = [f + b for f, b in times[name]]
+        part = f"{variant_label(name)} {median_ms(total):.1f} ms, "
+        interval = ratio_interval(total, se)
+        if interval is None:  # fewer than 5 rounds
+            part += f"{statistics.median(t / s for t, s in zip(total, se)):.2f}"
+        else:
+            part += f"{interval[0]:.2f} ({interval[1]:.2f}-{interval[2]:.2f})"
+        parts.append(part)
+    return (
+        f"Inside the modules ({len(se)} more interleaved steps, hooks), per step and x SE "
+        "(median of the per-round ratios, 95% bootstrap interval): " + "; ".join(parts)
+    )
+
+
 def overhead_interval(
     plain: list[float], se: list[float], mssar: list[float], resamples: int = 2000
 ) -> tuple[float, float, float] | None:
@@ -113,9 +143,14 @@ def overhead_summary(rows: list[dict]) -> str | None:
 
 def summaries(rows: list[dict]) -> list[str]:
     """The lines printed under a model's table: the overhead ratio, the time inside the modules
-    and what the hand-written backward buys."""
+    (SE and MS-SAR, the others over SE) and what the hand-written backward buys."""
     times = rows[0].get("module_times", {}) if rows else {}
-    lines = (overhead_summary(rows), module_summary(times), handwritten_summary(rows))
+    lines = (
+        overhead_summary(rows),
+        module_summary(times),
+        others_summary(times),
+        handwritten_summary(rows),
+    )
     return [line for line in lines if line is not None]
 
 

@@ -1,5 +1,6 @@
 """The statistics `make bench` prints about the module step (benchmarks/stats.py) and the hooks
-that time the inside of the modules (benchmarks/module_clock.py)."""
+that time the inside of the modules (benchmarks/module_clock.py). The variants, the zoo's
+summary line and a small run: tests/test_bench_variants.py."""
 
 from __future__ import annotations
 
@@ -81,10 +82,12 @@ def test_module_summary_line():
     assert module_summary({"se": times["se"]}) is None
 
 
-@pytest.mark.parametrize("recalibration", ["se", "mssar"])
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("recalibration", ["se", "mssar", "eca", "cbam", "ge", "coord", "gc"])
 def test_module_clock_times_the_modules_without_changing_the_step(recalibration):
-    """The hooks time every recalibration module's forward and backward, leave the gradients as
-    they are, and are gone after ``remove``."""
+    """The hooks time every recalibration module's forward and backward (every registered
+    module's: test_module_clock_knows_every_registered_module), leave the gradients as they are,
+    and are gone after ``remove``."""
     import torch
 
     from benchmarks.module_clock import ModuleClock
@@ -116,6 +119,18 @@ def test_module_clock_times_the_modules_without_changing_the_step(recalibration)
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
         for m in model.modules()
     )
+
+
+def test_module_clock_knows_every_registered_module():
+    """Every module the registry builds is one ModuleClock hooks (a new entry of another class
+    fails here, not silently in the benchmark)."""
+    from benchmarks.module_clock import MODULE_CLASSES
+    from mssar_cli.recalibration import RECALIBRATIONS
+
+    for name, entry in RECALIBRATIONS.items():
+        if entry.build is not None:
+            options = {k: (16 if k == "reduction" else v) for k, v in entry.options.items()}
+            assert isinstance(entry.build(64, **options), MODULE_CLASSES), name
 
 
 def test_module_clock_refuses_a_model_without_recalibration():

@@ -26,7 +26,8 @@ from mssar_cli.report.collect import model_label
 
 BENCH_FILE = Path("bench") / "module_step.csv"
 # The benchmark names the network without a module "plain"; its other variants are registry
-# names ("se", "mssar") or implementations of one ("mssar-direct"), which are never matched.
+# names ("se", "mssar", "eca", "gc", ...: benchmarks/step_variants.py) or implementations of one
+# ("mssar-direct", "mssar-autograd"), which are never matched.
 BENCH_PLAIN = "plain"
 _COLUMNS = ("date", "machine", "device", "model", "variant", "paired_ratio")
 
