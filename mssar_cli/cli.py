@@ -279,7 +279,8 @@ def show(
         console.print(f"{result.title}: {result.note}", markup=False, highlight=False)
         return
     labels = list(result.stages[0].asymmetry())
-    table = Table(title=f"{result.title}\nspatial asymmetry: std of a weight over positions")
+    console.print(result.title, markup=False, highlight=False)
+    table = Table(title="spatial asymmetry: std of a weight over positions")
     for column in ("stage", "map", "blocks", *labels):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for stage in result.stages:
