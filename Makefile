@@ -44,9 +44,9 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Regenerate the README's recipe field reference from the schema (a test checks it is current).
+# Regenerate docs/recipes.md's field reference from the schema (a test checks it is current).
 fields: setup
-	$(PY) -m mssar_cli.recipe_reference README.md
+	$(PY) -m mssar_cli.recipe_reference docs/recipes.md
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

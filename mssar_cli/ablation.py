@@ -18,7 +18,7 @@ import yaml
 from mssar_cli import runs
 from mssar_cli.errors import MssarError
 from mssar_cli.models import MODELS, STAGES
-from mssar_cli.recalibration import PLAIN, RECALIBRATIONS
+from mssar_cli.recalibration import PLAIN, RECALIBRATIONS, get
 from mssar_cli.recipe import MODULE_KEYS, Recipe, choices, load, with_overrides
 
 SCALE_SETS = ((1,), (2,), (4,), (1, 2), (1, 4), (2, 4), (1, 2, 4))  # Table 3's rows
@@ -68,15 +68,14 @@ def kind_cells(kind: str, base: Recipe, modules: list[str] | None = None) -> lis
     and the registered recalibration modules (``modules``, default all) against the plain
     network."""
     if kind == "scales":
-        cells = [_module_cell("none")]
+        cells = [_module_cell("none", base)]
+        mssar = _module_cell("mssar", base).overrides
         for scales in SCALE_SETS:
             label = "_".join(map(str, scales))
-            cells.append(
-                Cell(label, (*_module_cell("mssar").overrides, _set("model.scales", list(scales))))
-            )
+            cells.append(Cell(label, (*mssar, _set("model.scales", list(scales)))))
         return cells
     if kind == "strategy":
-        mssar = _module_cell("mssar").overrides
+        mssar = _module_cell("mssar", base).overrides
         return [Cell(s, (*mssar, _set("model.strategy", s))) for s in choices("model.strategy")]
     if kind == "stage":
         if not MODELS[base.model.name].is_densenet:
@@ -85,11 +84,10 @@ def kind_cells(kind: str, base: Recipe, modules: list[str] | None = None) -> lis
                 f"not {base.model.name}"
             )
         recal = base.model.recalibration if base.model.recalibration != "none" else "mssar"
-        return [
-            Cell(s, (_set("model.recalibration", recal), _set("model.stage", s))) for s in STAGES
-        ]
+        module = _module_cell(recal, base).overrides
+        return [Cell(s, (*module, _set("model.stage", s))) for s in STAGES]
     if kind == "recalibration":
-        return [_module_cell(name) for name in _chosen_modules(modules)]
+        return [_module_cell(name, base) for name in _chosen_modules(modules)]
     if kind == "grid":
         return [Cell("base", ())]
     raise MssarError(f"ablation kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -106,11 +104,15 @@ def _chosen_modules(modules: list[str] | None) -> list[str]:
     return [name for name in RECALIBRATIONS if name == PLAIN or name in modules]
 
 
-def _module_cell(name: str) -> Cell:
-    """The cell of recalibration module ``name``: the options it does not take are unset."""
-    takes = RECALIBRATIONS[name].options
+def _module_cell(name: str, base: Recipe) -> Cell:
+    """The cell of recalibration module ``name`` for recipe ``base``: the options it does not take
+    are dropped, both the model keys (``scales``, ``strategy``, ``reduction``: unset) and those
+    under ``model.options`` (e.g. ge's ``extent``; the ones it takes keep their values)."""
+    takes = get(name).options
     unset = [f"model.{key}=null" for key in MODULE_KEYS if key not in takes]
-    return Cell(name, (_set("model.recalibration", name), *unset))
+    kept = {key: value for key, value in base.model.options.items() if key in takes}
+    options = [_set("model.options", kept)] if kept != dict(base.model.options) else []
+    return Cell(name, (_set("model.recalibration", name), *unset, *options))
 
 
 def parse_grid(items: list[str], source: str) -> list[list[Cell]]:

@@ -1,5 +1,5 @@
-"""The README's recipe field reference, generated from the schema (``make fields`` rewrites it;
-a test checks it is current), so that the documentation cannot drift from the code."""
+"""The recipe field reference of docs/recipes.md, generated from the schema (``make fields``
+rewrites it; a test checks it is current), so that the documentation cannot drift from the code."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ REFERENCE_START, REFERENCE_END = "<!-- recipe-fields:start -->", "<!-- recipe-fi
 
 def field_reference() -> str:
     """Every recipe field as a Markdown table (section.key, type, default, help), generated from
-    the schema so that the README cannot drift from it (``make fields`` rewrites its copy)."""
+    the schema so that the documentation cannot drift from it (``make fields`` rewrites its copy)."""
     lines = [
         "| key | type | default | meaning |",
         "|---|---|---|---|",

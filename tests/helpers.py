@@ -189,7 +189,7 @@ def flat(grads: dict, keys: list[str]) -> torch.Tensor:
 
 NUM_CLASSES = 7  # not a default of any family, so the classifier width is really passed through
 CIFAR_RESNETS = ["resnet20", "resnet32", "resnet56"]
-IMAGENET = ["resnet18", "resnet34", "resnext50"]
+IMAGENET = ["resnet18", "resnet34", "resnet50", "resnext50"]  # resnet50: not in the paper
 DENSENETS = ["densenet100", "densenet190"]
 # residual blocks / dense layers: one recalibration module each (SPEC.md §2)
 UNITS = {
@@ -200,6 +200,7 @@ UNITS = {
     "densenet190": 93,
     "resnet18": 8,
     "resnet34": 16,
+    "resnet50": 16,
     "resnext50": 16,
 }
 

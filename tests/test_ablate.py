@@ -140,6 +140,21 @@ def test_recalibration_none_se_mssar(smoke: Path) -> None:
     )
 
 
+def test_recalibration_keeps_only_the_options_each_module_takes(smoke: Path) -> None:
+    ge = smoke.parent / "ge.yaml"
+    text = smoke.read_text().replace("recalibration: mssar", "recalibration: ge")
+    ge.write_text(text.replace("data:", "  reduction: 6\n  options: {extent: 4}\ndata:", 1))
+    planned = plan("recalibration", ge)  # a dry run: plans and validates every cell
+    models = {r.cell.label: r.recipe.model for r in planned}
+    assert list(models) == list(RECALIBRATIONS)
+    assert models["ge"].options == {"extent": 4}
+    assert {k: m.options for k, m in models.items() if k != "ge"} == {
+        k: {} for k in RECALIBRATIONS if k != "ge"
+    }
+    assert [models[k].reduction for k in ("se", "eca", "none")] == [6, None, None]
+    assert {r.recipe.model.options.get("extent") for r in plan("scales", ge)} == {None}
+
+
 def test_grid_axes(smoke: Path) -> None:
     planned = plan("grid", smoke, grid=["optim.lr=0.1,0.05"])
     assert [r.recipe.experiment for r in planned] == ["smoke--grid-lr_0.1", "smoke--grid-lr_0.05"]

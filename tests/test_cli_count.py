@@ -23,7 +23,12 @@ from mssar_cli.models import list_models, model_spec
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RESNET20_PARAMS, RESNET20_FLOPS = 272_474, 40_813_194
 PROJECTION_PARAMS = 2_752  # CIFAR ResNets' 1x1 projection shortcuts, not in the paper's params
-TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnext50": 25_028_904}
+TORCHVISION_PARAMS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnext50": 25_028_904,
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,6 +140,24 @@ def test_count_list(runner):
     for line, name in zip(lines, list_models()):
         spec = model_spec(name)
         assert spec.label in line and f"{spec.input_size}x{spec.input_size}" in line
+
+
+def test_count_resnet50_with_a_later_module(runner):
+    """ResNet-50 (not in the paper) counts as torchvision's metadata says (parameters, 4.089 G
+    MACs); SE at reduction 16 adds 2·C·C/16 + C/16 + C per bottleneck."""
+    from torchvision.models import ResNet50_Weights
+
+    meta = ResNet50_Weights.IMAGENET1K_V1.meta
+    result = invoke(runner, "count", "resnet50", "--recalibration", "se", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    frame = csv_frame(result.stdout)
+    assert list(frame["recalibration"]) == ["none", "se"]
+    base, se = frame.iloc[0], frame.iloc[1]
+    assert base["params"] == meta["num_params"] == TORCHVISION_PARAMS["resnet50"]
+    assert round(base["flops"] / 1e9, 3) == meta["_ops"]  # 4.089 GFLOPS (multiply-adds)
+    widths = [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3
+    assert se["params"] - base["params"] == sum(2 * c * c // 16 + c // 16 + c for c in widths)
+    assert se["params"] == 28_088_024 and 0 < se["extra_flops_pct"] < 0.1
 
 
 # --- the paper's Tables 2 and 5 -----------------------------------------------------------------

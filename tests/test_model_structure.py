@@ -35,8 +35,11 @@ from mssar_cli.models.blocks import (
 from mssar_cli.models.densenet import DenseLayer
 from mssar_cli.recalibration.mssar import MSSAR
 from mssar_cli.recalibration.se import SqueezeExcitation
+from mssar_cli.recalibration.zoo import eca_kernel_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+RESNET50_WIDTHS = [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3  # each block's output
 
 
 # --- DenseNet-BC parameter counts (closed form) -------------------------------------------------
@@ -284,3 +287,35 @@ def test_projection_params_only_for_cifar_resnets():
     assert complexity.projection_params(build_meta("resnet18")) == 0
     assert complexity.projection_params(build_meta("densenet100")) == 0
     assert complexity.projection_params(build_meta("resnet56")) == 2_752
+
+
+# --- ResNet-50 (not in the paper; the backbone of the later modules' published numbers) --------
+
+
+def test_resnet50_module_costs_follow_their_closed_forms():
+    """One module per bottleneck, on its 4x output: SE adds 2·C·C/16 + C/16 + C per block; ECA
+    adds its kernel k(C) only: 5, 5, 5, 7 per stage with mssar's reading of Eq. 12 (ECA-Net's own
+    ResNet-50 used 3, 5, 5, 7: 80 parameters, its abstract)."""
+    classifier = (1000 - NUM_CLASSES) * (2048 + 1)  # the 1000-class head less ours
+    plain = n_params(build_meta("resnet50"))
+    assert plain + classifier == 25_557_032
+    se = n_params(build_meta("resnet50", "se"))
+    assert se - plain == sum(2 * c * c // 16 + c // 16 + c for c in RESNET50_WIDTHS)
+    assert se + classifier == 28_088_024
+    eca = n_params(build_meta("resnet50", "eca"))
+    assert [eca_kernel_size(c) for c in (256, 512, 1024, 2048)] == [5, 5, 5, 7]
+    assert eca - plain == sum(eca_kernel_size(c) for c in RESNET50_WIDTHS) == 86
+    # MS-SAR: SE's total width D/16 split over 3 scales, a BN in each branch (SPEC.md §1)
+    mssar = n_params(build_meta("resnet50", "mssar"))
+    extra = sum(3 * (2 * c * (c // 48) + 2 * (c // 48) + c) for c in RESNET50_WIDTHS)
+    assert mssar - plain == extra
+
+
+@pytest.mark.parametrize("recalibration", ["eca", "cbam", "ge", "coord", "gc"])
+def test_resnet50_later_modules_sit_where_se_sits(recalibration):
+    """SPEC.md §7: every later module on the bottleneck's output after bn3, one per block."""
+    model = build_meta("resnet50", recalibration)
+    blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == UNITS["resnet50"]
+    assert [block.recalibration.channels for block in blocks] == RESNET50_WIDTHS
+    assert [block.bn3.num_features for block in blocks] == RESNET50_WIDTHS

@@ -25,7 +25,7 @@ from helpers import (
 from torch import nn
 
 from mssar_cli.errors import ModelError, MssarError
-from mssar_cli.models import create_model, list_models, model_spec
+from mssar_cli.models import MODELS, create_model, list_models, model_spec
 from mssar_cli.recalibration import RECALIBRATIONS, option_names
 from mssar_cli.recalibration.mssar import ScaleBranch
 
@@ -34,6 +34,7 @@ ZOO = ["eca", "cbam", "ge", "coord", "gc"]  # the modules that came after MS-SAR
 TORCHVISION = {
     "resnet18": (torchvision.models.resnet18, 11_689_512),
     "resnet34": (torchvision.models.resnet34, 21_797_672),
+    "resnet50": (torchvision.models.resnet50, 25_557_032),
     "resnext50": (torchvision.models.resnext50_32x4d, 25_028_904),
 }
 IMAGENET_SIZE = 64  # layer4 is 2x2 here: MS-SAR's K = 4 is clamped to 2 x 2 regions
@@ -76,9 +77,15 @@ def test_registry_lists_the_papers_networks():
         "densenet190",
         "resnet18",
         "resnet34",
+        "resnet50",
         "resnext50",
     ]
     assert list(RECALIBRATIONS) == [*RECALS, *ZOO]
+    # the shared lists (tests/helpers.py) cover every 224x224 network of the registry
+    assert IMAGENET == [name for name, spec in MODELS.items() if spec.family == "imagenet-resnet"]
+    assert list(UNITS) == [*CIFAR_RESNETS, *DENSENETS, *IMAGENET]
+    assert model_spec("resnet50").label == "ResNet-50"
+    assert model_spec("resnet50").default_reduction == 16  # SENet's, as every ImageNet net
     for name in list_models():
         spec = model_spec(name)
         assert spec.input_size == (224 if name in IMAGENET else 32)
@@ -115,7 +122,7 @@ def test_imagenet_network_trains(name, recalibration):
 
 
 @pytest.mark.parametrize("recalibration", ZOO)
-@pytest.mark.parametrize("name", ["resnet20", "densenet100", "resnext50"])
+@pytest.mark.parametrize("name", ["resnet20", "densenet100", "resnet50", "resnext50"])
 def test_the_later_modules_train_in_every_family(name, recalibration):
     """At SE's placement (residual branch after its last BN; DenseNet layers on the new maps,
     single-stage: these modules gate the map they are given); ImageNet networks at 64x64."""
@@ -185,10 +192,26 @@ def test_torchvision_checkpoint_loads_into_recalibrated_backbone(name, recalibra
     assert len(per_block) == UNITS[name]
 
 
-def test_resnet18_computes_what_torchvision_computes():
+@pytest.mark.filterwarnings("ignore:for .*num_batches_tracked:UserWarning")  # torch, meta BN
+@pytest.mark.parametrize("recalibration", ZOO)
+def test_torchvision_resnet50_checkpoint_loads_under_every_later_module(recalibration):
+    """The recipes' ResNet-50 with ECA, CBAM, GE, CA or GC: torchvision's backbone, one module
+    per block as the only new keys (SE's placement, SPEC.md §7)."""
+    with torch.device("meta"):
+        ours = create_model("resnet50", num_classes=1000, recalibration=recalibration)
+        theirs = torchvision.models.resnet50(weights=None)
+    result = ours.load_state_dict(theirs.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys
+    assert all(".recalibration." in key for key in result.missing_keys)
+    assert len({key.split(".recalibration.")[0] for key in result.missing_keys}) == 16
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_plain_network_computes_what_torchvision_computes(name):
     torch.manual_seed(1)
-    theirs = torchvision.models.resnet18(weights=None).eval()
-    ours = create_model("resnet18", num_classes=1000).eval()
+    theirs = TORCHVISION[name][0](weights=None).eval()
+    ours = create_model(name, num_classes=1000).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 3, IMAGENET_SIZE, IMAGENET_SIZE)
     with torch.no_grad():

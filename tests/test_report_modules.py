@@ -344,3 +344,142 @@ def test_figures_written(realistic: Path, tmp_path: Path) -> None:
     for path in paths:
         data = path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 20_000
+
+
+# --- ImageNet ResNet-50: the published numbers of the later modules beside ours ------------------
+
+R50_COSTS = {  # `mssar count resnet50 --recalibration X`: parameters, MACs
+    "none": (25_557_032, 4_089_185_256),
+    "se": (28_088_024, 4_091_716_248),
+    "eca": (25_557_118, 4_089_273_064),
+    "coord": (29_361_544, 4_143_776_744),
+}
+
+
+@pytest.fixture
+def resnet50_root(tmp_path: Path) -> Path:
+    """ImageNet ResNet-50 plain, SE, ECA and Coordinate Attention (2 seeds each), ResNet-18 plain
+    and SE (1 seed each), in the format `mssar train` writes."""
+    for seed in range(2):
+        for recal, err in (("none", 24.0), ("se", 23.0), ("eca", 22.8), ("coord", 23.4)):
+            params, flops = R50_COSTS[recal]
+            write_run(
+                tmp_path,
+                "imagenet",
+                f"resnet50_{recal}",
+                seed,
+                model="resnet50",
+                recalibration=recal,
+                final_err=err + 0.2 * seed,
+                params=params,
+                flops=flops,
+            )
+    for recal, err in (("none", 30.0), ("se", 29.0)):
+        write_run(tmp_path, "imagenet", f"resnet18_{recal}", 0, model="resnet18",
+                  recalibration=recal, final_err=err)  # fmt: skip
+    return tmp_path
+
+
+def test_resnet50_rows_of_the_modules_table_show_the_published_number(
+    resnet50_root: Path,
+) -> None:
+    """The module's published top-1 error and the baseline of the same source, footnoted; "—"
+    for the plain network, for other networks and for a module that has no published number."""
+    from mssar_cli import paper
+
+    result = table(build_report(resnet50_root), "ImageNet: modules at equal protocol")
+    frame = result.frame
+    assert list(frame.columns[3:6]) == ["test error", "published top-1", "source's plain top-1"]
+    assert list(zip(frame["network"], frame["module"])) == [
+        ("ResNet-18", "plain"), ("ResNet-18", "SE"), ("ResNet-50", "plain"), ("ResNet-50", "SE"),
+        ("ResNet-50", "ECA"), ("ResNet-50", "CA"),
+    ]  # fmt: skip
+    se, eca = paper.published_resnet50("se"), paper.published_resnet50("eca")
+    assert (se.top1, se.baseline_top1, eca.top1, eca.baseline_top1) == (23.29, 24.80, 22.52, 24.80)
+    assert frame["published top-1"].tolist() == [
+        NONE,
+        NONE,
+        NONE,
+        "23.29 [1]",
+        "22.52 [2]",
+        "— [3]",
+    ]
+    assert frame["source's plain top-1"].tolist() == [
+        NONE, NONE, NONE, "24.80 [1]", "24.80 [2]", "— [3]",
+    ]  # fmt: skip
+    assert row_of(frame, network="ResNet-50", module="SE")["test error"] == "23.10 ± 0.14 (n=2)"
+    caption = result.caption
+    assert "[1] SE: Hu, Shen, Sun, Squeeze-and-Excitation Networks, CVPR 2018" in caption
+    assert "[2] ECA: Wang, Wu, Zhu, Li, Zuo, Hu, ECA-Net" in caption and "Table 3" in caption
+    assert "[3] CA: Hou, Zhou, Feng" in caption and "No ResNet-50 ImageNet number" in caption
+    assert "https://arxiv.org/abs/1910.03151" in caption and "[4]" not in caption
+    assert "each source trained its own ResNet-50" in caption
+
+
+def test_modules_tables_without_imagenet_resnet50_have_no_published_columns(
+    modules_root: Path, tmp_path: Path
+) -> None:
+    """Published numbers exist for ImageNet ResNet-50 only: other tables keep their columns, and
+    no ResNet-50 table appears without a ResNet-50 ImageNet run."""
+    tables = build_report(modules_root)
+    assert not [t for t in tables if t.title.startswith("ImageNet ResNet-50")]
+    frame = table(tables, "synthetic: modules at equal protocol").frame
+    assert "published top-1" not in frame.columns
+    for recal, err in (("none", 30.0), ("se", 29.0)):
+        for seed in range(2):
+            write_run(tmp_path, "imagenet", f"r18_{recal}", seed, model="resnet18",
+                      recalibration=recal, final_err=err + seed)  # fmt: skip
+    tables = build_report(tmp_path)
+    assert "published top-1" not in table(tables, "ImageNet: modules at equal").frame.columns
+    assert not [t for t in tables if t.title.startswith("ImageNet ResNet-50")]
+
+
+def test_resnet50_table_sets_every_module_beside_its_published_number(
+    resnet50_root: Path,
+) -> None:
+    """One row per registered module in registry order (— where not run), the published top-1
+    and top-5 errors, Δ = ours − published, the source's own baseline and the drops."""
+    from mssar_cli import paper
+
+    tables = build_report(resnet50_root)
+    titles = [t.title for t in tables]
+    ours = "ImageNet ResNet-50: every module, ours vs published"
+    assert titles.index(ours) < titles.index("ImageNet: modules at equal protocol (4 ep)")
+    result = table(tables, ours)
+    frame = result.frame
+    labels = ["", "+SE", "+MS-SAR", "+ECA", "+CBAM", "+GE", "+CA", "+GC"]
+    assert frame["network"].tolist() == [f"ResNet-50{label}" for label in labels]
+    assert set(frame["protocol"]) == {"4 ep"}
+    expected = {row.recalibration: row for row in paper.PUBLISHED_RESNET50}
+    marks = {}  # the footnote of each module's source, numbered in the table's order
+    for label, name in zip(frame["network"], ["none", *expected]):
+        cell = row_of(frame, network=label)["top-1 published"]
+        if name == "none":
+            assert cell == NONE
+            continue
+        number, mark = cell.split(" ")
+        marks[name] = mark
+        top1 = expected[name].top1
+        assert number == (NONE if top1 is None else f"{top1:.2f}")
+    assert list(marks.values()) == [f"[{i}]" for i in range(1, 8)]
+    se = row_of(frame, network="ResNet-50+SE")
+    assert se["top-1 ours"] == "23.10 ± 0.14 (n=2)" and se["top-1 Δ"] == "-0.19"
+    assert se["top-1 source's plain"] == "24.80 [1]" and se["top-5 published"] == "6.62 [1]"
+    # ours: (24.10 − 23.10) / 24.10; the SE paper's: (24.80 − 23.29) / 24.80
+    assert se["top-1 drop ours / published"] == "4.1% / 6.1%"
+    assert se["params"] == "28.09M" and se["FLOPs"] == "4.092G"
+    eca = row_of(frame, network="ResNet-50+ECA")
+    assert eca["top-1 published"] == "22.52 [3]" and eca["top-1 Δ"] == f"{22.9 - 22.52:+.2f}"
+    assert eca["top-5 published"] == "6.32 [3]"
+    cbam = row_of(frame, network="ResNet-50+CBAM")  # not run; its source's baseline not read
+    assert cbam["top-1 ours"] == NONE and cbam["top-1 published"] == "22.66 [4]"
+    assert (
+        cbam["top-1 source's plain"] == "— [4]" and cbam["top-1 drop ours / published"] == "— / —"
+    )
+    coord = row_of(frame, network="ResNet-50+CA")
+    assert coord["top-1 published"] == "— [6]" and coord["top-1 Δ"] == NONE
+    assert row_of(frame, network="ResNet-50")["top-1 ours"] == "24.10 ± 0.14 (n=2)"
+    for row in expected.values():
+        assert row.source.split(",")[0] in result.caption
+    assert "ECA-Net's 75.20 beside it is SE's" in result.caption
+    assert "ResNet-18" not in frame["network"].tolist()

@@ -1,13 +1,14 @@
 """The network registry: ``create_model(name, num_classes=..., recalibration=..., **options)``.
 
-Networks (SPEC.md §3): resnet20/32/56 and densenet100/190 for 32x32 inputs; resnet18/34 and
-resnext50 for 224x224. ``recalibration`` names an entry of
-:data:`mssar_cli.recalibration.RECALIBRATIONS`; the networks receive the factory it makes (or
-``None``) and never look at the name. Module options (``scales``, ``strategy``, ``reduction``,
-...) are those the entry takes; ``None`` means the default, and ``reduction``'s default is the
-network family's: CIFAR ResNets 3 (paper §4.1), DenseNets 1 (D' = k / L, the rule that
-reproduces every DenseNet FLOPs entry of Tables 2 and 3, docs/readings.md), ImageNet 16
-(SENet's). ``stage`` ("single" | "multi", default "multi", paper §3.4) is a DenseNet option.
+Networks (SPEC.md §3): resnet20/32/56 and densenet100/190 for 32x32 inputs; resnet18/34/50 and
+resnext50 for 224x224 (resnet50 is not in the paper: it is the network the later modules' papers
+report ImageNet numbers for, :data:`mssar_cli.paper.PUBLISHED_RESNET50`). ``recalibration`` names
+an entry of :data:`mssar_cli.recalibration.RECALIBRATIONS`; the networks receive the factory it
+makes (or ``None``) and never look at the name. Module options (``scales``, ``strategy``,
+``reduction``, ...) are those the entry takes; ``None`` means the default, and ``reduction``'s
+default is the network family's: CIFAR ResNets 3 (paper §4.1), DenseNets 1 (D' = k / L, the
+rule that reproduces every DenseNet FLOPs entry of Tables 2 and 3, docs/readings.md), ImageNet
+16 (SENet's). ``stage`` ("single" | "multi", default "multi", paper §3.4) is a DenseNet option.
 
 Importing this package imports no torch (the builders import their network when called), so
 the recipe schema and the report can read the table. Every problem raises
@@ -55,6 +56,7 @@ MODELS: dict[str, ModelSpec] = {
     "densenet190": ModelSpec("cifar-densenet", 190, 32, 1, "DN-190"),
     "resnet18": ModelSpec("imagenet-resnet", 18, 224, 16, "ResNet-18"),
     "resnet34": ModelSpec("imagenet-resnet", 34, 224, 16, "ResNet-34"),
+    "resnet50": ModelSpec("imagenet-resnet", 50, 224, 16, "ResNet-50"),
     "resnext50": ModelSpec("imagenet-resnet", 50, 224, 16, "ResNeXt-50"),
 }
 

@@ -1,8 +1,10 @@
-"""ImageNet networks (paper Table 4): torchvision's ResNet-18/34 and ResNeXt-50 32x4d.
+"""ImageNet networks: torchvision's ResNet-18/34 and ResNeXt-50 32x4d (paper Table 4) and
+ResNet-50 (not in the paper: the backbone of the ImageNet numbers the later modules' papers
+publish, :data:`mssar_cli.paper.PUBLISHED_RESNET50`).
 
 With recalibration "none" these *are* ``torchvision.models.resnet18`` / ``resnet34`` /
-``resnext50_32x4d``. With SE or MS-SAR the same torchvision ``ResNet`` is built from a block
-subclass that adds the module after the block's last BN (SPEC.md §2); every other module keeps
+``resnet50`` / ``resnext50_32x4d``. With a module the same torchvision ``ResNet`` is built from a
+block subclass that adds it after the block's last BN (SPEC.md §2); every other module keeps
 torchvision's name, so a torchvision checkpoint loads into the backbone of a recalibrated model
 with ``strict=False`` (only the ``recalibration`` keys are new).
 """
@@ -23,6 +25,7 @@ from mssar_cli.models.blocks import (
 ARCHITECTURES = {
     "resnet18": (resnet.resnet18, RecalibratedBasicBlock, [2, 2, 2, 2], {}),
     "resnet34": (resnet.resnet34, RecalibratedBasicBlock, [3, 4, 6, 3], {}),
+    "resnet50": (resnet.resnet50, RecalibratedBottleneck, [3, 4, 6, 3], {}),
     "resnext50": (
         resnet.resnext50_32x4d,
         RecalibratedBottleneck,

@@ -6,6 +6,9 @@ paper beside (SPEC.md §4).
 - :mod:`~mssar_cli.report.stats`: mean ± std over seeds per configuration (:class:`Stat`);
 - :mod:`~mssar_cli.report.significance`: Welch's t-test of a configuration against plain;
 - :mod:`~mssar_cli.report.tables`: Tables 2, 3, 5 and the §4.2 ablations, ours vs the paper;
+- :mod:`~mssar_cli.report.published`: ImageNet ResNet-50 (not in the paper) beside the numbers
+  the later modules' papers publish (:data:`mssar_cli.paper.PUBLISHED_RESNET50`), each source a
+  footnote: a table of every module, and the published cells of the modules table;
 - :mod:`~mssar_cli.report.configurations`: every other configuration, unfinished runs;
 - :mod:`~mssar_cli.report.modules`: every module against plain at equal protocol, with its cost
   (:mod:`~mssar_cli.report.bench`: the measured CPU step-time ratios);
@@ -37,6 +40,7 @@ from mssar_cli.report.collect import (
 from mssar_cli.report.configurations import configurations_table, skipped_table, unfinished_table
 from mssar_cli.report.modules import modules_tables
 from mssar_cli.report.protocols import CIFAR
+from mssar_cli.report.published import published_table
 from mssar_cli.report.render import ReportTable, print_rich, read_csv_blocks, render
 from mssar_cli.report.stats import Stat, summarize
 from mssar_cli.report.tables import stage_table, strategy_table, table2, table3, table5
@@ -70,11 +74,14 @@ def build_report(results: str | Path | pd.DataFrame) -> list[ReportTable]:
 
     ``results`` is a results directory or the frame :func:`collect_runs` made of one. Tables 2
     and 3 appear when there is any CIFAR run, Table 5 when there is any ImageNet run (with "—"
-    in the cells nobody ran); then the regional/sliding and single/multi-stage ablations (§4.2)
-    where both sides were run; then one table per other dataset (and the CIFAR / ImageNet
-    configurations no paper table holds); then every module against the plain network at equal
-    protocol (:func:`~mssar_cli.report.modules.modules_tables`); last, the unfinished runs and
-    the unreadable folders.
+    in the cells nobody ran), followed by the ImageNet ResNet-50 table of every module beside
+    its published numbers when a ResNet-50 ImageNet run exists
+    (:func:`~mssar_cli.report.published.published_table`); then the regional/sliding and
+    single/multi-stage ablations (§4.2) where both sides were run; then one table per other
+    dataset (and the CIFAR / ImageNet configurations no paper table holds); then every module
+    against the plain network at equal protocol
+    (:func:`~mssar_cli.report.modules.modules_tables`); last, the unfinished runs and the
+    unreadable folders.
     """
     runs = runs_of(results)
     if runs.empty:
@@ -90,6 +97,9 @@ def build_report(results: str | Path | pd.DataFrame) -> list[ReportTable]:
         tables += [table2(configs, shown), table3(configs, shown)]
     if "imagenet" in datasets:
         tables.append(table5(configs, shown))
+        published = published_table(configs, shown)  # its rows leave "other configurations"
+        if published is not None:
+            tables.append(published)
     for builder in (strategy_table, stage_table):
         table = builder(configs, shown)
         if table is not None:

@@ -7,8 +7,11 @@ runs of the plain network and of at least one module gets one row per module, in
 (:data:`mssar_cli.recalibration.RECALIBRATIONS`): the error over seeds, Δ vs plain with Welch's
 test (:mod:`mssar_cli.report.significance`), the extra parameters and FLOPs in % of the plain
 network's (the runs' ``summary.json``) and the measured CPU step-time ratio
-(:mod:`mssar_cli.report.bench`). :func:`module_groups` is also what the error-vs-extra-FLOPs
-figure draws (:mod:`mssar_cli.report.module_figure`).
+(:mod:`mssar_cli.report.bench`). ImageNet ResNet-50 rows also show the module's published top-1
+error and the baseline of the same source, with the source as a footnote
+(:mod:`mssar_cli.report.published`, which also makes the ResNet-50 table of every module, ours vs
+published). :func:`module_groups` is also what the error-vs-extra-FLOPs figure draws
+(:mod:`mssar_cli.report.module_figure`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ from mssar_cli.report.collect import (
     recalibration_order,
 )
 from mssar_cli.report.protocols import SHORT_KEYS, value_text
+from mssar_cli.report.published import (
+    PUBLISHED_NOTE,
+    Sources,
+    has_published,
+    published_cells,
+)
 from mssar_cli.report.render import NONE, ReportTable, human_count
 from mssar_cli.report.significance import CI_COLUMN, P_COLUMN, WELCH_NOTE, welch_cells
 from mssar_cli.report.stats import STD_NOTE, delta, stat
@@ -122,7 +131,11 @@ def _seeds(counts: list[int]) -> str:
     return f"here {low} each" if low == high else f"here {low}–{high}, see each row"
 
 
-def _row(row: pd.Series, plain: pd.Series, bench: StepBench) -> dict[str, str]:
+def _row(
+    row: pd.Series, plain: pd.Series, bench: StepBench, sources: Sources | None
+) -> dict[str, str]:
+    """One row; with ``sources`` (a table holding ImageNet ResNet-50 runs) the published top-1
+    error of the module and the baseline of its source, footnoted."""
     this, base = stat(row.to_frame().T), stat(plain.to_frame().T)
     is_plain = row["recalibration"] == PLAIN
     if is_plain:
@@ -135,11 +148,18 @@ def _row(row: pd.Series, plain: pd.Series, bench: StepBench) -> dict[str, str]:
         params = _percent_cell(row["params"], plain["params"])
         flops = _percent_cell(row["flops"], plain["flops"])
     measured = bench.ratio(row["model"], row["recalibration"])
-    return {
+    cells = {
         "network": model_label(row["model"]),
         "module": recalibration_label(row["recalibration"]),
         "settings": settings(row),
         "test error": this.cell(),
+    }
+    if sources is not None:
+        published, baseline = published_cells(
+            row["model"], row["recalibration"], row["dataset"], sources
+        )
+        cells |= {"published top-1": published, "source's plain top-1": baseline}
+    return cells | {
         "Δ vs plain": d_text,
         CI_COLUMN: interval,
         P_COLUMN: p_text,
@@ -174,10 +194,12 @@ def modules_tables(configs: pd.DataFrame, root: str | Path | None = None) -> lis
     tables = []
     for groups in by_table.values():
         first = groups[0][0]
+        with_published = any(has_published(p["model"], p["dataset"]) for p, _ in groups)
+        sources = Sources() if with_published else None
         rows, counts, shown = [], [], []
         for plain, modules in groups:
             for row in (plain, *modules):
-                rows.append(_row(row, plain, bench))
+                rows.append(_row(row, plain, bench, sources))
                 counts.append(int(row["n"]))
                 shown.append((row["model"], row["recalibration"]))
         name = DATASETS.get(first["dataset"], first["dataset"])
@@ -190,6 +212,8 @@ def modules_tables(configs: pd.DataFrame, root: str | Path | None = None) -> lis
             "the runs' summary.json (plain row: its own count; FLOPs are MACs per image). "
             + bench.source(shown)
         )
+        if sources is not None:
+            caption += f" ResNet-50 rows: {PUBLISHED_NOTE} Sources: {sources.text()}"
         title = f"{name}: modules at equal protocol ({first['protocol']})"
         tables.append(ReportTable(title, pd.DataFrame(rows), caption))
     return tables

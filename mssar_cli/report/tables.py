@@ -3,6 +3,9 @@ per other dataset, and the unfinished runs.
 
 Every cell of ours is a :class:`~mssar_cli.report.stats.Stat` of one configuration (mean ± std
 over the finished seeds, the final epoch); the paper's numbers come from :mod:`mssar_cli.paper`.
+The helpers that find the runs of a published row (:func:`paper_criteria`, :func:`protocols_run`,
+:func:`matched_cell`) also serve the ImageNet ResNet-50 table of the later modules' published
+numbers (:mod:`mssar_cli.report.published`).
 """
 
 from __future__ import annotations
@@ -66,13 +69,13 @@ def network_name(model: str, recalibration: str, dataset: str) -> str:
     return f"{label}+{recalibration_label(recalibration)}"
 
 
-def _criteria(model: str, recalibration: str, **overrides: str) -> dict[str, str]:
+def paper_criteria(model: str, recalibration: str, **overrides: str) -> dict[str, str]:
     """The configuration the paper means by ``model`` with ``recalibration`` (defaults explicit)."""
     module = module_columns(model, recalibration)
     return {"model": model, "recalibration": recalibration, **module, **overrides}
 
 
-def _protocols(configs: pd.DataFrame, datasets: Iterable[str], criteria: Iterable[dict]) -> list:
+def protocols_run(configs: pd.DataFrame, datasets: Iterable[str], criteria: Iterable[dict]) -> list:
     """The protocols under which any of ``criteria`` was run on ``datasets``: paper's first."""
     found = {}
     for crit in criteria:
@@ -85,7 +88,9 @@ def _protocols(configs: pd.DataFrame, datasets: Iterable[str], criteria: Iterabl
     return sorted(found, key=found.get)
 
 
-def _cell(configs: pd.DataFrame, protocol: str | None, shown: set, **criteria) -> pd.DataFrame:
+def matched_cell(
+    configs: pd.DataFrame, protocol: str | None, shown: set, **criteria
+) -> pd.DataFrame:
     """The configuration of one cell (none when nobody ran the network), marked as shown."""
     matched = match(configs, protocol=protocol, **criteria) if protocol else configs.iloc[0:0]
     shown.update(matched.index)
@@ -101,14 +106,16 @@ def table2(configs: pd.DataFrame, shown: set) -> ReportTable:
     pairs = [paper.TABLE2[i : i + 2] for i in range(0, len(paper.TABLE2), 2)]
     for plain_row, star_row in pairs:
         model = plain_row.model
-        crits = {r.recalibration: _criteria(model, r.recalibration) for r in (plain_row, star_row)}
-        for protocol in _protocols(configs, CIFAR, crits.values()) or [None]:
+        crits = {
+            r.recalibration: paper_criteria(model, r.recalibration) for r in (plain_row, star_row)
+        }
+        for protocol in protocols_run(configs, CIFAR, crits.values()) or [None]:
             means: dict[tuple[str, str], float] = {}
             for prow in (plain_row, star_row):
                 row = {"network": prow.label, "protocol": protocol or NONE}
                 costs = []
                 for dataset, short in _CIFAR_COLUMNS:
-                    matched = _cell(
+                    matched = matched_cell(
                         configs, protocol, shown, dataset=dataset, **crits[prow.recalibration]
                     )
                     s = stat(matched)
@@ -149,18 +156,18 @@ def table3(configs: pd.DataFrame, shown: set) -> ReportTable:
     rows = []
     for model, label in (("resnet56", "RN-56"), ("densenet100", "DN-100")):
         crit_of = {
-            row.scales: _criteria(model, "mssar", scales=format_scales(row.scales))
+            row.scales: paper_criteria(model, "mssar", scales=format_scales(row.scales))
             if row.scales
-            else _criteria(model, PLAIN)
+            else paper_criteria(model, PLAIN)
             for row in paper.TABLE3
         }
-        for protocol in _protocols(configs, CIFAR, crit_of.values()) or [None]:
+        for protocol in protocols_run(configs, CIFAR, crit_of.values()) or [None]:
             for prow in paper.TABLE3:
                 scales = format_scales(prow.scales) if prow.scales else "none"
                 row = {"network": label, "scales": scales, "protocol": protocol or NONE}
                 costs = []
                 for dataset, short in _CIFAR_COLUMNS:
-                    matched = _cell(
+                    matched = matched_cell(
                         configs, protocol, shown, dataset=dataset, **crit_of[prow.scales]
                     )
                     s = stat(matched)
@@ -202,13 +209,13 @@ def table5(configs: pd.DataFrame, shown: set) -> ReportTable:
     groups = [paper.TABLE5[i : i + 3] for i in range(0, len(paper.TABLE5), 3)]
     for group in groups:
         model = group[0].model
-        crits = {r.recalibration: _criteria(model, r.recalibration) for r in group}
-        for protocol in _protocols(configs, ["imagenet"], crits.values()) or [None]:
+        crits = {r.recalibration: paper_criteria(model, r.recalibration) for r in group}
+        for protocol in protocols_run(configs, ["imagenet"], crits.values()) or [None]:
             means = {}
             plain = group[0]
             for prow in group:
                 criteria = crits[prow.recalibration]
-                matched = _cell(configs, protocol, shown, dataset="imagenet", **criteria)
+                matched = matched_cell(configs, protocol, shown, dataset="imagenet", **criteria)
                 top1, top5 = stat(matched, "test_err"), stat(matched, "test_top5_err")
                 means[prow.recalibration] = top1.mean
                 drops = ""
@@ -297,7 +304,9 @@ def stage_table(configs: pd.DataFrame, shown: set) -> ReportTable | None:
     """A recalibrated DenseNet's single- vs multi-stage recalibration (§3.4, §4.2)."""
     dense = configs[(configs["stage"] != NONE)] if not configs.empty else configs
     keys = ["dataset", "model", "recalibration", "scales", "strategy", "reduction", "options"]
-    in_paper = _criteria("densenet100", "mssar")  # the paper's row: DN-100, MS-SAR, L = {1,2,4}
+    in_paper = paper_criteria(
+        "densenet100", "mssar"
+    )  # the paper's row: DN-100, MS-SAR, L = {1,2,4}
     rows = []
     for first, single, multi in _paired(
         dense, [*keys, "protocol_key"], "stage", ("single", "multi"), shown
