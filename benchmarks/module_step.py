@@ -107,6 +107,10 @@ class Workload:
 
 
 WORKLOADS: dict[str, Workload] = {
+    # the network of the Fashion-MNIST comparison (results/fashion_mnist/), on 3-channel inputs
+    "resnet20": Workload(
+        10, 32, 128, cpu=(3, 21), cpu_quick=(1, 3), cuda=(10, 50), cuda_quick=(3, 5)
+    ),
     "resnet56": Workload(
         10, 32, 128, cpu=(3, 21), cpu_quick=(1, 3), cuda=(10, 50), cuda_quick=(3, 5)
     ),
