@@ -58,7 +58,13 @@ def evaluate_saved(path: Path, overrides: list[str], device_name: str | None = N
     device = resolve_device(device_name or recipe.run.device)
     loader, info = build_test_loader(recipe.data, device=device)
     model = build_model(recipe, info).to(device)
-    model.load_state_dict(saved.state["model"])
+    try:
+        model.load_state_dict(saved.state["model"])
+    except (RuntimeError, TypeError) as error:  # weights of another layout, or not weights
+        detail = " ".join(str(error).split())[:200]
+        raise MssarError(
+            f"{saved.checkpoint}: its weights do not fit its recipe's network ({detail})"
+        ) from None
     if recipe.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision = resolve_precision(recipe.run.precision, device)

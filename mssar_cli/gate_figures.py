@@ -2,9 +2,10 @@
 
 * :func:`stage_figure`: one grid per stage, a row per test image: the image, then the chosen
   block's gate maps upsampled to the image (nearest, so a region's weight covers exactly its
-  pixels): per scale and their mean for MS-SAR (each the mean over channels), the gate for the
-  other spatial modules, then the channels that vary most over positions. Every gate column has
-  one colour scale over its rows, with its colour bar, so rows compare and columns do not mislead.
+  pixels): per scale (Z_K, Eq. 1) and their mean (Z, Eq. 2) for MS-SAR (paper §3.2; each the
+  mean over channels), the gate for the other spatial modules, then the channels that vary most
+  over positions. The channel-mean columns (each scale and their mean) share one colour scale,
+  so rows and scales compare; each channel column has its own (read its bar).
 * :func:`asymmetry_figure`: the spatial asymmetry of every stage (:mod:`mssar_cli.gates`), one
   bar per scale and their mean (MS-SAR) or one bar (the others): the paper's argument in one
   number per stage.
@@ -57,8 +58,12 @@ def stage_figure(
         axis = axes[row, 0]
         axis.imshow(_image_array(images[row]), cmap="gray", vmin=0, vmax=1, extent=extent)
         axis.set_ylabel(captions[row], fontsize=7)
+    # The channel means (each scale, their mean) share one colour scale, so that a scale whose
+    # weights barely differ looks flat beside one whose weights differ; each channel has its own.
+    means = torch.stack(list(gates.panels.values()))
     for col, (label, maps) in enumerate(columns, start=1):
-        low, high = maps.min().item(), maps.max().item()
+        scaled = means if label in gates.panels else maps
+        low, high = scaled.min().item(), scaled.max().item()
         for row in range(rows):
             shown = axes[row, col].imshow(
                 maps[row].numpy(),

@@ -16,7 +16,7 @@ REFERENCE_START, REFERENCE_END = "<!-- recipe-fields:start -->", "<!-- recipe-fi
 
 def field_reference() -> str:
     """Every recipe field as a Markdown table (section.key, type, default, help), generated from
-    the schema so that the documentation cannot drift from it (``make fields`` rewrites its copy)."""
+    the schema so that the documentation cannot drift from it (``make fields`` rewrites it)."""
     lines = [
         "| key | type | default | meaning |",
         "|---|---|---|---|",

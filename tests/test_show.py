@@ -6,6 +6,8 @@ on the synthetic task), not trained: what is tested is what ``show`` reads and d
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -22,16 +24,23 @@ from mssar_cli.recalibration import RECALIBRATIONS
 from mssar_cli.recalibration.mssar import MSSAR
 from mssar_cli.recalibration.zoo import ZooModule
 from mssar_cli.recipe import from_dict, save
+from mssar_cli.show import show
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_run(folder: Path, recalibration: str, model: str = "resnet20", **options) -> Path:
+def write_run(
+    folder: Path,
+    recalibration: str,
+    model: str = "resnet20",
+    dataset: str = "synthetic",
+    **options,
+) -> Path:
     """A run directory with a recipe and a checkpoint of an untrained network (seeded)."""
     raw = {
         "experiment": f"show_{recalibration}",
         "model": {"name": model, "recalibration": recalibration, **options},
-        "data": {"dataset": "synthetic", "subset": 64, "test_subset": 16, "batch_size": 8},
+        "data": {"dataset": dataset, "subset": 64, "test_subset": 16, "batch_size": 8},
         "optim": {"epochs": 1, "milestones": []},
     }
     recipe = from_dict(raw, "test")
@@ -204,3 +213,103 @@ def test_show_refuses_an_output_that_is_a_file(tmp_path):
     (tmp_path / "taken").write_text("x")
     assert_one_line_error(invoke(run, "--images", 1, "--output", tmp_path / "taken"), "is a file")
     assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_show_with_a_checkpoint_of_another_dataset_is_one_line(tmp_path):
+    # same layers, but another task: its input channels, classes and gates are not the run's
+    run = write_run(tmp_path / "run", "mssar")
+    other = write_run(tmp_path / "other", "mssar", dataset="cifar10")
+    line = assert_one_line_error(
+        invoke(run, "--checkpoint", other / runs.CHECKPOINT), "not a checkpoint of"
+    )
+    assert "data.dataset" in line
+    assert not (run / "show").exists() and not (other / "show").exists()
+
+
+def test_show_with_checkpoint_writes_into_the_run_directory(tmp_path):
+    # --output's default is RUN_DIR/show, as its help says, not the other checkpoint's folder
+    run = write_run(tmp_path / "run", "mssar")
+    other = write_run(tmp_path / "other", "mssar")
+    result = invoke(run, "--images", 1, "--checkpoint", other / runs.CHECKPOINT)
+    assert result.exit_code == 0, result.output
+    assert (run / "show" / "stage1.png").exists() and not (other / "show").exists()
+
+
+def test_show_with_weights_of_another_layout_names_the_keys(tmp_path):
+    # a state_dict saved from a wrapper (DDP's "module." prefix) does not fit: say which keys
+    run = write_run(tmp_path / "run", "mssar")
+    state = runs.load_checkpoint(run / runs.CHECKPOINT)
+    state["model"] = {f"module.{k}": v for k, v in state["model"].items()}
+    runs.save_checkpoint(run, state)
+    line = assert_one_line_error(invoke(run, "--images", 1), "do not fit", "Missing key(s)")
+    assert "conv1.weight" in line
+    assert not (run / "show").exists()
+
+
+def test_show_into_an_output_under_a_file_is_one_line_before_any_work(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "run", "mssar")
+    (tmp_path / "taken").write_text("x")
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the test split was loaded before --output was checked")
+
+    monkeypatch.setattr("mssar_cli.data.build_test_loader", no_data)
+    out = tmp_path / "taken" / "figures"
+    assert_one_line_error(invoke(run, "--output", out), "--output", "is a file")
+    assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_show_that_cannot_write_every_file_leaves_the_previous_ones(tmp_path, monkeypatch):
+    # a full disk at the third file: the first two are not replaced, no temporary file is left
+    run = write_run(tmp_path / "run", "mssar")
+    out = tmp_path / "figures"
+    out.mkdir()
+    (out / "stage1.png").write_bytes(b"old")
+    synced = []
+    fsync = os.fsync
+
+    def full_disk(fd):
+        synced.append(fd)
+        if len(synced) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    assert_one_line_error(invoke(run, "--images", 1, "--output", out), "--output", "No space left")
+    assert [p.name for p in out.iterdir()] == ["stage1.png"]
+    assert (out / "stage1.png").read_bytes() == b"old"
+
+
+def test_show_that_cannot_write_removes_the_folders_it_made(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "run", "mssar")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(os, "replace", refused)
+    out = tmp_path / "new" / "figures"
+    assert_one_line_error(invoke(run, "--images", 1, "--output", out), "Permission denied")
+    assert not (tmp_path / "new").exists()
+
+
+def test_show_gathers_more_images_than_one_test_batch(tmp_path):
+    run = write_run(tmp_path / "run", "mssar")
+    batched = show(run, images=6, output=tmp_path / "a", overrides=["data.eval_batch_size=4"])
+    whole = show(run, images=6, output=tmp_path / "b")
+    for ours, theirs in zip(batched.stages, whole.stages):
+        gates = ours.modules[-1].panels[MEAN_OVER_SCALES]
+        assert gates.shape == (6, *ours.size)
+        torch.testing.assert_close(gates, theirs.modules[-1].panels[MEAN_OVER_SCALES])
+
+
+def test_show_title_says_a_stopped_run_trained_part_of_an_epoch(tmp_path):
+    run = write_run(tmp_path / "run", "se")  # SE: the title without rendering anything
+    state = runs.load_checkpoint(run / runs.CHECKPOINT)
+    state["partial"] = {"epoch": 1, "batches": 5, "totals": (0.0, 0.0, 0.0), "seconds": 1.0}
+    runs.save_checkpoint(run, state)
+    assert show(run).title.endswith("epoch 1 and 5 batches")
+
+
+def test_show_checks_its_options_also_where_there_is_nothing_to_draw(tmp_path):
+    run = write_run(tmp_path / "run", "se")
+    assert_one_line_error(invoke(run, "--images", 0), "--images must be at least 1")

@@ -191,6 +191,19 @@ def test_eval_of_a_bad_path_is_one_line(finished, tmp_path, what):
     assert_one_error_line(result.stderr, str(path), must)
 
 
+def test_eval_of_weights_that_do_not_fit_is_one_line(finished, tmp_path):
+    """A checkpoint whose model entry does not fit its recipe (here: DDP-style prefixed keys)."""
+    import torch
+
+    cwd, _ = finished
+    state = torch.load(cwd / RUN / "checkpoint.pt", weights_only=False)
+    state["model"] = {f"module.{k}": v for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "checkpoint.pt")
+    result = invoke("eval", tmp_path / "checkpoint.pt")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert_one_error_line(result.stderr, "weights do not fit", "Missing key(s)")
+
+
 # --------------------------------------------------------------------------------------------
 # Kill and resume
 # --------------------------------------------------------------------------------------------
