@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mssar_cli.errors import ModelError
+from mssar_cli.models import create_model
 from mssar_cli.models.bn_recompute import recalibrate_bn_output
 from mssar_cli.models.cifar_resnet import CifarResNet
 from mssar_cli.models.densenet import DenseLayer
@@ -343,6 +344,15 @@ def test_global_context_adds_one_attention_pooled_context_to_every_position(fusi
     if fusion == "add":  # the same vector at every position
         delta = (out - x).flatten(2)
         torch.testing.assert_close(delta, delta[:, :, :1].expand_as(delta))
+
+
+@pytest.mark.parametrize("network", ["resnet20", "densenet100", "resnet18"])
+def test_global_context_starts_as_the_identity_in_every_network(network):
+    """The networks' He-normal pass over every convolution must not undo GC's zero last conv."""
+    model = create_model(network, recalibration="gc")
+    blocks = [m for m in model.modules() if type(m).__name__ == "GlobalContextBlock"]
+    assert blocks and all(not b.body.mlp_add.fc2.weight.any() for b in blocks)
+    assert all(b.body.conv_attn.weight.any() for b in blocks)
 
 
 def test_global_context_starts_as_the_identity():

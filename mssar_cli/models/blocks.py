@@ -63,6 +63,15 @@ class RecalibratedBottleneck(Bottleneck):
         return self.relu(out + identity)
 
 
+def restore_module_init(model: nn.Module) -> None:
+    """After a network's own initialisation pass: each recalibration module's initialisation that
+    its paper specifies beyond it (``init_after_network``, e.g. GC's zero last convolution)."""
+    for module in model.modules():
+        init = getattr(module, "init_after_network", None)
+        if callable(init):
+            init()
+
+
 def with_recalibration(block: type[nn.Module], factory: RecalibrationFactory) -> type[nn.Module]:
     """A subclass of ``block`` whose instances build ``factory(channels)`` as their module."""
     return type(block.__name__, (block,), {"make_recalibration": staticmethod(factory)})

@@ -13,7 +13,12 @@ from torch import nn
 from torchvision.models.resnet import conv1x1
 
 from mssar_cli.errors import ModelError
-from mssar_cli.models.blocks import RecalibratedBasicBlock, RecalibrationFactory, with_recalibration
+from mssar_cli.models.blocks import (
+    RecalibratedBasicBlock,
+    RecalibrationFactory,
+    restore_module_init,
+    with_recalibration,
+)
 
 STAGE_WIDTHS = (16, 32, 64)
 BLOCKS_PER_STAGE = {20: 3, 32: 5, 56: 9}
@@ -67,3 +72,4 @@ def _init_weights(model: nn.Module) -> None:
         elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+    restore_module_init(model)

@@ -18,6 +18,7 @@ from mssar_cli.models.blocks import (
     RecalibratedBasicBlock,
     RecalibratedBottleneck,
     RecalibrationFactory,
+    restore_module_init,
     with_recalibration,
 )
 
@@ -41,6 +42,8 @@ def imagenet_resnet(
     builder, block, layers, kwargs = ARCHITECTURES[name]
     if make_recalibration is None:
         return builder(num_classes=num_classes)
-    return resnet.ResNet(
+    model = resnet.ResNet(
         with_recalibration(block, make_recalibration), layers, num_classes=num_classes, **kwargs
     )
+    restore_module_init(model)  # torchvision's pass re-initialised the modules' convolutions
+    return model

@@ -108,6 +108,10 @@ class ZooModule(nn.Module):
             )
         return self.body(x)
 
+    def init_after_network(self) -> None:
+        """Re-apply what its paper's initialisation specifies beyond the network's own (which
+        initialises every convolution He-normal after building, :mod:`mssar_cli.models`)."""
+
     def spatial_gate(self, x: torch.Tensor) -> torch.Tensor | None:
         """The module's gate at every position of ``x`` for ``mssar show``: (N, C, H, W) or
         (N, 1, H, W), or None for a module whose gate is the same at every position."""
@@ -269,3 +273,9 @@ class GlobalContextBlock(ZooModule):
         )
         body.conv_attn.register_parameter("bias", None)  # the softmax cancels it
         return body
+
+    def init_after_network(self) -> None:
+        """With addition the block starts as the identity (plus the last bias): the network's
+        He-normal pass must not undo the zero last convolution."""
+        if self.fusion == "add":
+            nn.init.zeros_(self.body.mlp_add.fc2.weight)
